@@ -1,0 +1,159 @@
+"""The `llava-pipeline` command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pipeline import __version__
+from pipeline.errors import ConfigError, PipelineError
+
+EPILOG = """\
+exit codes: 0 the run completed (failed samples are rows with `error` set; see the summary),
+            1 the run failed, 2 the job spec or its inputs are invalid (nothing was started),
+            130 interrupted.
+"""
+
+
+def _add_overrides(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("job", metavar="JOB.yaml", help="job spec (see jobs/ for examples)")
+    parser.add_argument(
+        "--input",
+        metavar="URL",
+        nargs="+",
+        help="replace input.urls: shard URLs or patterns (brace ranges and globs), e.g. "
+        "'s3://bucket/shards/shard-{00000..00999}.tar'",
+    )
+    parser.add_argument("--output", metavar="URL", help="replace output.url, e.g. s3://bucket/captions/2026-11-22/")
+    parser.add_argument(
+        "--model", metavar="PATH_OR_ID", help="replace model.source: a hub id, a local directory or an s3:// prefix"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llava-pipeline",
+        description="Caption, tag and question images in WebDataset shards with LLaVA-family models on Ray Data, "
+        "writing one Parquet file per shard.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"llava-pipeline {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser(
+        "run",
+        help="run a job",
+        description="Run a job: read shards, generate captions/tags/answers, write Parquet and a run summary "
+        "(OUTPUT/_runs/RUN_ID.json). Uses RAY_ADDRESS or ray.address when set, else starts a local Ray.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_overrides(run)
+    run.add_argument("--no-progress-bars", action="store_true", help="hide Ray Data's progress bars")
+
+    validate = commands.add_parser(
+        "validate",
+        help="check a job without running it",
+        description="Check a job spec, list its shards, check the output location and the model's processor and "
+        "chat template. Writes nothing and starts no Ray.",
+    )
+    _add_overrides(validate)
+    validate.add_argument(
+        "--offline", action="store_true", help="check the spec's fields only; reach no storage and no model"
+    )
+
+    demo = commands.add_parser(
+        "demo",
+        help="run the demo job on a local S3 server with generated shards and a bundled tiny model",
+        description="Start an S3-compatible server on 127.0.0.1, upload generated shards and a tiny LLaVA "
+        "checkpoint, run jobs/demo.yaml from s3:// to s3://, and print the summary and some rows.",
+    )
+    demo.add_argument("--shards", type=int, default=4, help="shards to generate (default 4)")
+    demo.add_argument("--samples-per-shard", type=int, default=24, help="samples per shard (default 24)")
+
+    schema = commands.add_parser("schema", help="print the output schema, column by column")
+    schema.add_argument("--json", action="store_true", help="print the schema file itself")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        if args.command == "run":
+            return _run(args)
+        if args.command == "validate":
+            return _validate(args)
+        if args.command == "demo":
+            from pipeline.demo import run_demo
+
+            return run_demo(shards=args.shards, samples_per_shard=args.samples_per_shard)
+        if args.command == "schema":
+            return _schema(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    raise AssertionError(f"unhandled command {args.command}")
+
+
+def _load(args: argparse.Namespace):
+    from pipeline.config import load_job
+
+    return load_job(args.job, inputs=args.input, output=args.output, model=args.model)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from pipeline.runner import run_job
+
+    job = _load(args)
+    if args.no_progress_bars:
+        job = job.model_copy(update={"ray": job.ray.model_copy(update={"progress_bars": False})})
+    return run_job(job).exit_code
+
+
+def _validate(args: argparse.Namespace) -> int:
+    job = _load(args)
+    if args.offline:
+        print(f"ok: {args.job} is a valid job spec (storage and model not checked)")
+        return 0
+    from pipeline.runner import plan_job
+
+    plan = plan_job(job, read_only=True)
+    first, last = plan.shards[0].url, plan.shards[-1].url
+    print(f"ok: {args.job}")
+    print(f"  shards  {len(plan.shards)}: {first}" + (f" .. {last}" if len(plan.shards) > 1 else ""))
+    print(f"  output  {job.output.url}")
+    print(f"  model   {job.model.source}")
+    print(f"  tasks   {', '.join(plan.tasks)}")
+    return 0
+
+
+def _schema(args: argparse.Namespace) -> int:
+    from pipeline.docs import schema_markdown
+    from pipeline.schema import load_schema
+
+    if args.json:
+        from importlib import resources
+
+        schema = load_schema()
+        print(resources.files("pipeline._schemas").joinpath(f"enrichment_v{schema.version}.json").read_text(), end="")
+    else:
+        print(schema_markdown())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

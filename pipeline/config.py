@@ -1,0 +1,461 @@
+"""The job spec: YAML parsed into strict pydantic models.
+
+Every field has a default that is safe for an unattended nightly run, and a description that
+`llava-pipeline docs` renders into the README's configuration reference. Unknown keys are errors,
+so a misspelt field stops the run instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Literal, Mapping, Union
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from pipeline.errors import ConfigError
+from pipeline.storage import check_url
+
+# Stdlib string.Formatter would accept "{0}" or "{question.attr}"; only the one named slot is allowed.
+_QUESTION_SLOT = "{question}"
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+def _check_concurrency(value: object) -> int | tuple[int, int]:
+    shape = "an integer (a fixed pool) or a [min, max] pair (an autoscaling pool)"
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        low, high = value
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (low, high)):
+            raise ValueError(f"must be {shape}")
+        if low < 1:
+            raise ValueError("the min of [min, max] must be at least 1")
+        if high < low:
+            raise ValueError(f"[min, max] = [{low}, {high}]: max is below min")
+        return (low, high)
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 1:
+            raise ValueError("must be at least 1")
+        return value
+    raise ValueError(f"must be {shape}")
+
+
+Concurrency = Annotated[Union[int, tuple[int, int]], PlainValidator(_check_concurrency)]
+
+
+class StorageConfig(StrictModel):
+    """Connection settings for an object store; unset fields fall back to the standard AWS environment."""
+
+    endpoint_url: str | None = Field(
+        None,
+        description="S3-compatible endpoint, e.g. `http://minio:9000`. Unset: `AWS_ENDPOINT_URL_S3`, then "
+        "`AWS_ENDPOINT_URL`, then AWS itself.",
+    )
+    region: str | None = Field(None, description="Region name. Unset: `AWS_REGION` / `AWS_DEFAULT_REGION`.")
+    profile: str | None = Field(None, description="Named profile from the AWS config files.")
+    anon: bool = Field(False, description="Access public buckets without credentials.")
+    access_key_id: SecretStr | None = Field(
+        None,
+        description="Access key. Prefer the environment, an instance role or a profile; a key written here is "
+        "never printed or written to outputs.",
+    )
+    secret_access_key: SecretStr | None = Field(None, description="Secret key, paired with `access_key_id`.")
+    session_token: SecretStr | None = Field(None, description="Session token for temporary credentials.")
+    options: dict[str, Union[str, int, float, bool]] = Field(
+        default_factory=dict,
+        description="Extra keyword arguments for the fsspec filesystem (for other stores, e.g. gcsfs's `project`).",
+    )
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint_is_http(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError(f"must be an http:// or https:// URL, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _keys_come_in_pairs(self) -> "StorageConfig":
+        if (self.access_key_id is None) != (self.secret_access_key is None):
+            raise ValueError("access_key_id and secret_access_key must be set together")
+        return self
+
+
+class InputConfig(StrictModel):
+    """Where the WebDataset shards are and how a sample's members are read."""
+
+    urls: list[Annotated[str, AfterValidator(check_url)]] = Field(
+        ...,
+        min_length=1,
+        description="Shard URLs or patterns: local paths, `file://`, `s3://` and other fsspec URLs. Brace ranges "
+        "(`shards-{00000..00999}.tar`) and globs (`*`, `**`) expand to a sorted list; a pattern that matches "
+        "nothing is an error.",
+    )
+    image_extensions: list[str] = Field(
+        ["jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"],
+        min_length=1,
+        description="Member extensions that hold the image, in order of preference when a sample has several.",
+    )
+    metadata_extension: str | None = Field(
+        "json",
+        description="Member extension holding the sample's JSON metadata (kept in the `metadata` column and "
+        "read for per-sample questions). `null` to ignore metadata.",
+    )
+    storage: StorageConfig | None = Field(None, description="Overrides the top-level `storage` for input shards.")
+
+    @field_validator("image_extensions")
+    @classmethod
+    def _normalize_extensions(cls, value: list[str]) -> list[str]:
+        normalized = [ext.lower().lstrip(".") for ext in value]
+        if any(not ext for ext in normalized):
+            raise ValueError("extensions must be non-empty")
+        if len(set(normalized)) != len(normalized):
+            raise ValueError(f"duplicate extensions in {value}")
+        return normalized
+
+
+class OutputConfig(StrictModel):
+    """Where the Parquet outputs and the run summary go."""
+
+    url: str = Field(
+        ...,
+        description="Output prefix (local path, `file://`, `s3://`, ...). One Parquet file per input shard is "
+        "written under it, named after the shard; the run summary goes to `_runs/<run_id>.json`.",
+    )
+    compression: Literal["zstd", "snappy", "gzip", "none"] = Field("zstd", description="Parquet compression codec.")
+    storage: StorageConfig | None = Field(None, description="Overrides the top-level `storage` for outputs.")
+
+    @field_validator("url")
+    @classmethod
+    def _url_writable(cls, value: str) -> str:
+        return check_url(value, writable=True)
+
+
+class ModelConfig(StrictModel):
+    """The LLaVA-family checkpoint and how each model actor loads it."""
+
+    source: str = Field(
+        ...,
+        min_length=1,
+        description="A Hugging Face hub id (`llava-hf/llava-1.5-7b-hf`), a local directory, or an `s3://` prefix "
+        "holding a `save_pretrained` checkpoint. Remote checkpoints are fetched once per node into `cache_dir`.",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for hub ids.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Weights dtype. `auto`: bfloat16 on GPUs that support it, else float16; float32 on CPU."
+    )
+    device: Literal["auto", "cuda", "cpu"] = Field(
+        "auto", description="`auto`: CUDA when the actor was given a GPU, else CPU."
+    )
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] | None = Field(
+        "sdpa", description="Attention kernel passed to transformers; `null` lets transformers choose."
+    )
+    trust_remote_code: bool = Field(
+        False, description="Allow code shipped with the checkpoint to run. Off unless you trust the checkpoint."
+    )
+    chat_template: str | None = Field(
+        None,
+        description="Jinja chat template replacing the processor's own, for checkpoints that ship none.",
+    )
+    cache_dir: str | None = Field(
+        None,
+        description="Node-local directory for fetched checkpoints. Unset: `$LLAVA_PIPELINE_CACHE`, else "
+        "`~/.cache/llava-pipeline`.",
+    )
+    storage: StorageConfig | None = Field(None, description="Overrides the top-level `storage` for `s3://` models.")
+
+    @field_validator("source")
+    @classmethod
+    def _source_supported(cls, value: str) -> str:
+        return check_url(value) if "://" in value else value
+
+
+class CaptionTask(StrictModel):
+    prompt: str = Field(
+        "Write a one-sentence caption for this image.", min_length=1, description="Instruction sent with the image."
+    )
+    max_new_tokens: int = Field(64, ge=1, le=4096, description="Upper bound on generated tokens.")
+
+
+class TagsTask(StrictModel):
+    prompt: str = Field(
+        "List the objects, attributes and setting visible in this image as short comma-separated tags.",
+        min_length=1,
+        description="Instruction sent with the image; the answer is split on commas, semicolons and new lines.",
+    )
+    max_new_tokens: int = Field(48, ge=1, le=4096, description="Upper bound on generated tokens.")
+    max_tags: int = Field(32, ge=1, description="Keep at most this many tags per image, in the model's order.")
+    vocabulary: str | None = Field(
+        None,
+        description="Path or URL of a text file, one tag per line: tags outside it are dropped. Read once, by the "
+        "driver, before the run starts.",
+    )
+
+
+    @field_validator("vocabulary")
+    @classmethod
+    def _vocabulary_supported(cls, value: str | None) -> str | None:
+        return None if value is None else check_url(value)
+
+
+class VqaTask(StrictModel):
+    questions: list[str] = Field(default_factory=list, description="Questions asked of every image.")
+    sample_field: str | None = Field(
+        None,
+        description="Key in the sample's JSON metadata holding a question or a list of questions for that sample "
+        "only; asked after `questions`.",
+    )
+    prompt: str = Field(
+        _QUESTION_SLOT,
+        description="Template wrapping each question; must contain `{question}`, e.g. "
+        "`\"{question} Answer in one word.\"`.",
+    )
+    max_new_tokens: int = Field(32, ge=1, le=4096, description="Upper bound on generated tokens per answer.")
+    max_questions_per_sample: int = Field(
+        16, ge=1, description="Per-sample questions beyond this count are not asked (the row records why)."
+    )
+
+    @field_validator("questions")
+    @classmethod
+    def _questions_not_blank(cls, value: list[str]) -> list[str]:
+        if any(not q.strip() for q in value):
+            raise ValueError("questions must not be blank")
+        return value
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_has_slot(cls, value: str) -> str:
+        if _QUESTION_SLOT not in value:
+            raise ValueError(f"must contain {_QUESTION_SLOT}")
+        return value
+
+    @model_validator(mode="after")
+    def _has_a_question_source(self) -> "VqaTask":
+        if not self.questions and self.sample_field is None:
+            raise ValueError("set `questions`, `sample_field`, or both")
+        return self
+
+
+class TasksConfig(StrictModel):
+    """Which outputs to produce. All tasks for an image run in the same model actor call."""
+
+    caption: CaptionTask | None = Field(None, description="Produce the `caption` column.")
+    tags: TagsTask | None = Field(None, description="Produce the `tags` column.")
+    vqa: VqaTask | None = Field(None, description="Produce the `vqa` column.")
+
+    @model_validator(mode="after")
+    def _at_least_one(self) -> "TasksConfig":
+        if self.caption is None and self.tags is None and self.vqa is None:
+            raise ValueError("enable at least one of caption, tags, vqa")
+        return self
+
+
+class GenerationConfig(StrictModel):
+    """Decoding settings shared by every task; greedy unless `do_sample` is on."""
+
+    do_sample: bool = Field(False, description="Sample instead of greedy decoding.")
+    num_beams: int = Field(1, ge=1, description="Beam search width.")
+    temperature: float | None = Field(None, gt=0, description="Sampling temperature (with `do_sample`).")
+    top_p: float | None = Field(None, gt=0, le=1, description="Nucleus sampling mass (with `do_sample`).")
+    top_k: int | None = Field(None, ge=1, description="Top-k sampling (with `do_sample`).")
+    repetition_penalty: float | None = Field(None, gt=0, description="Penalty for repeated tokens; 1.0 is none.")
+
+    @model_validator(mode="after")
+    def _sampling_knobs_need_sampling(self) -> "GenerationConfig":
+        if not self.do_sample:
+            knobs = [k for k in ("temperature", "top_p", "top_k") if getattr(self, k) is not None]
+            if knobs:
+                raise ValueError(f"{', '.join(knobs)} only apply with do_sample: true")
+        return self
+
+
+class DecodeConfig(StrictModel):
+    """Image decoding on the CPU stage."""
+
+    max_image_pixels: int = Field(
+        64_000_000,
+        ge=1,
+        description="Images whose header declares more pixels are error rows (`too_many_pixels`), checked before "
+        "decoding, so a decompression bomb costs nothing.",
+    )
+
+
+class ReadStageConfig(StrictModel):
+    concurrency: int | None = Field(None, ge=1, description="Most shards read at once. Unset: Ray Data decides.")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per read task.")
+    rows_per_block: int = Field(
+        64, ge=1, description="Samples per block handed downstream; smaller blocks start the model sooner."
+    )
+
+
+class PrepareStageConfig(StrictModel):
+    concurrency: Concurrency = Field(
+        (1, 8), description="Decode/preprocess actors: a fixed count, or `[min, max]` for an autoscaling pool."
+    )
+    num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per actor.")
+    batch_size: int = Field(16, ge=1, description="Samples per call.")
+
+
+class ModelStageConfig(StrictModel):
+    concurrency: Concurrency = Field(
+        1, description="Model actors: a fixed count, or `[min, max]` for an autoscaling pool."
+    )
+    num_gpus: float = Field(1.0, ge=0, description="GPUs per model actor; 0 runs the model on CPU.")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per model actor.")
+    batch_size: int = Field(8, ge=1, description="Images per generate call (each image asks every task).")
+    max_tasks_in_flight_per_actor: int | None = Field(
+        None, ge=1, description="Batches queued per actor so the next one is ready when the model is. Unset: Ray's default."
+    )
+
+
+class StagesConfig(StrictModel):
+    """Ray Data resources per stage. CPU stages are separate from the model stage, so each scales on its own."""
+
+    read: ReadStageConfig = Field(default_factory=ReadStageConfig, description="Reading tar shards (Ray tasks).")
+    prepare: PrepareStageConfig = Field(
+        default_factory=PrepareStageConfig, description="Decoding images and building model inputs (CPU actors)."
+    )
+    model: ModelStageConfig = Field(default_factory=ModelStageConfig, description="Generation (GPU actors).")
+
+
+class RayConfig(StrictModel):
+    address: str | None = Field(
+        None,
+        description="Cluster to join (`auto`, `ray://host:10001`, ...). Unset: `RAY_ADDRESS`, else a local Ray "
+        "started for this run.",
+    )
+    num_cpus: int | None = Field(None, ge=1, description="Local Ray only: logical CPUs. Unset: the machine's count.")
+    num_gpus: int | None = Field(None, ge=0, description="Local Ray only: GPUs. Unset: detected.")
+    object_store_memory_mb: int | None = Field(None, ge=64, description="Local Ray only: object store size.")
+    progress_bars: bool = Field(True, description="Show Ray Data's per-stage progress bars.")
+
+
+class JobConfig(StrictModel):
+    """A whole job: what to read, which model, which tasks, where to write."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", description="Job name, used in logs and the run summary.")
+    input: InputConfig = Field(..., description="Input shards.")
+    output: OutputConfig = Field(..., description="Parquet outputs.")
+    model: ModelConfig = Field(..., description="The model.")
+    tasks: TasksConfig = Field(..., description="What to ask of each image.")
+    generation: GenerationConfig = Field(default_factory=GenerationConfig, description="Decoding settings.")
+    decode: DecodeConfig = Field(default_factory=DecodeConfig, description="Image decoding.")
+    stages: StagesConfig = Field(default_factory=StagesConfig, description="Per-stage Ray resources.")
+    ray: RayConfig = Field(default_factory=RayConfig, description="Which Ray cluster runs the job.")
+    storage: StorageConfig = Field(
+        default_factory=StorageConfig, description="Object-store settings used for every URL unless a section overrides them."
+    )
+
+    def storage_for(self, section: Literal["input", "output", "model"]) -> StorageConfig:
+        return getattr(self, section).storage or self.storage
+
+
+def _format_location(loc: tuple[str | int, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(top level)"
+
+
+def _fields_at(loc: tuple[str | int, ...]) -> list[str] | None:
+    """Allowed keys of the model that holds `loc`'s last key, for 'unknown field' hints."""
+    model: type[BaseModel] = JobConfig
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        candidates = [field.annotation, *getattr(field.annotation, "__args__", ())]
+        nested = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+        if not nested:
+            return None
+        model = nested[0]
+    return list(model.model_fields)
+
+
+def describe_validation_error(error: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid job spec"]
+    for item in error.errors():
+        loc = tuple(p for p in item["loc"] if not (isinstance(p, str) and p.startswith(("int", "tuple[", "function-"))))
+        where = _format_location(loc)
+        if item["type"] == "extra_forbidden":
+            allowed = _fields_at(loc)
+            hint = f" (allowed here: {', '.join(allowed)})" if allowed else ""
+            lines.append(f"  {where}: unknown field{hint}")
+        elif item["type"] == "missing":
+            lines.append(f"  {where}: required field is missing")
+        else:
+            message = item["msg"].removeprefix("Value error, ")
+            shown = item.get("input")
+            # Secrets are SecretStr, so a rejected input is never a credential; long inputs are cut for the terminal.
+            shown_text = "" if isinstance(shown, (dict, list)) or shown is None else f" (got {str(shown)[:80]!r})"
+            lines.append(f"  {where}: {message}{shown_text}")
+    return "\n".join(lines)
+
+
+def parse_job(raw: object, *, source: str = "job") -> JobConfig:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{source}: a job spec is a YAML mapping at the top level, got {type(raw).__name__}")
+    try:
+        return JobConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc, source)) from None
+
+
+def load_job(
+    path: str | os.PathLike[str],
+    *,
+    inputs: list[str] | None = None,
+    output: str | None = None,
+    model: str | None = None,
+) -> JobConfig:
+    """Read a job spec and apply the CLI's nightly overrides before validating, so errors name the same fields."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read job spec {path}: {exc.strerror or exc}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if isinstance(raw, dict):
+        raw = _with_overrides(raw, inputs=inputs, output=output, model=model)
+    return parse_job(raw, source=str(path))
+
+
+def _with_overrides(
+    raw: dict[str, object], *, inputs: list[str] | None, output: str | None, model: str | None
+) -> dict[str, object]:
+    raw = dict(raw)
+
+    def section(name: str) -> dict[str, object]:
+        value = raw.get(name)
+        copy = dict(value) if isinstance(value, dict) else {}
+        raw[name] = copy
+        return copy
+
+    if inputs:
+        section("input")["urls"] = list(inputs)
+    if output:
+        section("output")["url"] = output
+    if model:
+        section("model")["source"] = model
+    return raw

@@ -1,0 +1,125 @@
+"""Reference docs generated from the code that enforces them: job fields, output columns, reason codes.
+
+`python -m pipeline.docs` rewrites the generated sections of README.md; a test fails when they are
+stale, so the README cannot drift from the config models or the schema file.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import typing
+from pathlib import Path
+
+from pydantic import BaseModel
+from pydantic_core import PydanticUndefined
+
+from pipeline import rows
+from pipeline.config import JobConfig
+from pipeline.schema import load_schema
+
+MARKERS = {
+    "config": ("<!-- BEGIN GENERATED: job config -->", "<!-- END GENERATED: job config -->"),
+    "schema": ("<!-- BEGIN GENERATED: output schema -->", "<!-- END GENERATED: output schema -->"),
+    "reasons": ("<!-- BEGIN GENERATED: error reasons -->", "<!-- END GENERATED: error reasons -->"),
+}
+
+
+def _nested_model(annotation: object) -> type[BaseModel] | None:
+    for candidate in (annotation, *typing.get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def _type_name(annotation: object) -> str:
+    text = repr(annotation) if not isinstance(annotation, type) else annotation.__name__
+    text = re.sub(r"typing\.|pipeline\.config\.|pydantic\.types\.|<class '|'>", "", text)
+    text = text.replace("NoneType", "null").replace("Union[int, tuple[int, int]]", "int | [min, max]")
+    return text.replace("Optional[", "").replace("Annotated[", "")
+
+
+def _default(field) -> str:
+    if field.is_required():
+        return "**required**"
+    if field.default_factory is not None:
+        value = field.default_factory()
+        return "see below" if isinstance(value, BaseModel) else f"`{value!r}`"
+    if field.default is PydanticUndefined:
+        return ""
+    value = field.default
+    if isinstance(value, tuple):
+        value = list(value)
+    if value is None:
+        return "`null`"
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    return f"`{value}`" if not isinstance(value, str) else f"`{value!r}`"
+
+
+def config_markdown() -> str:
+    lines = ["| field | type | default | description |", "| --- | --- | --- | --- |"]
+    seen_storage = False
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        nonlocal seen_storage
+        for name, field in model.model_fields.items():
+            path = f"{prefix}{name}"
+            nested = _nested_model(field.annotation)
+            if nested is not None and nested.__name__ == "StorageConfig" and prefix:
+                lines.append(f"| `{path}` | storage | `null` | {field.description} Same fields as `storage`. |")
+                continue
+            type_name = "section" if nested else _type_name(field.annotation)
+            description = (field.description or "").replace("|", "\\|")
+            lines.append(f"| `{path}` | {type_name} | {_default(field)} | {description} |")
+            if nested is not None:
+                walk(nested, f"{path}.")
+
+    walk(JobConfig, "")
+    return "\n".join(lines)
+
+
+def schema_markdown() -> str:
+    schema = load_schema()
+    lines = [
+        f"Schema `{schema.name}` version {schema.version} (`schemas/enrichment_v{schema.version}.json`). {schema.description}",
+        "",
+        "| column | type | nullable | description |",
+        "| --- | --- | --- | --- |",
+    ]
+    for column in schema.columns:
+        lines.append(f"| `{column.name}` | `{column.type}` | {'yes' if column.nullable else 'no'} | {column.description} |")
+    return "\n".join(lines)
+
+
+def reasons_markdown() -> str:
+    lines = ["| `error_reason` | set by | meaning |", "| --- | --- | --- |"]
+    for code, (stage, text) in rows.REASONS.items():
+        lines.append(f"| `{code}` | {stage} | {text} |")
+    return "\n".join(lines)
+
+
+GENERATORS = {"config": config_markdown, "schema": schema_markdown, "reasons": reasons_markdown}
+
+
+def render_readme(text: str) -> str:
+    for key, (begin, end) in MARKERS.items():
+        pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
+        if not pattern.search(text):
+            raise ValueError(f"README has no {begin} ... {end} section")
+        text = pattern.sub(lambda _: f"{begin}\n{GENERATORS[key]()}\n{end}", text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    path = Path(argv[0] if argv else "README.md")
+    text = path.read_text(encoding="utf-8")
+    updated = render_readme(text)
+    if updated != text:
+        path.write_text(updated, encoding="utf-8")
+        print(f"updated {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,149 @@
+"""Read stage: a Ray Data datasource over WebDataset tar shards, one read task per shard.
+
+It reads raw bytes only; decoding happens in the prepare stage. Ray's own `read_webdataset`
+decodes inside the read task, where one bad member or one odd image size fails the whole shard;
+here a bad sample becomes an error row and a broken tar keeps every sample before the break.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import pyarrow as pa
+from ray.data.block import BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from pipeline import rows
+from pipeline.config import StorageConfig
+from pipeline.shards import Shard
+from pipeline.storage import describe_storage_error, filesystem
+
+_MAX_BLOCK_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ReadSpec:
+    shards: tuple[Shard, ...]
+    storage: StorageConfig
+    image_extensions: tuple[str, ...]
+    metadata_extension: str | None
+    rows_per_block: int
+
+
+class WebDatasetShards(Datasource):
+    def __init__(self, spec: ReadSpec):
+        super().__init__()
+        self._spec = spec
+
+    def get_name(self) -> str:
+        return "ReadWebDatasetShards"
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        sizes = [s.size for s in self._spec.shards]
+        return None if any(s is None for s in sizes) else int(sum(sizes))  # type: ignore[arg-type]
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context=None) -> list[ReadTask]:
+        # One task per shard whatever `parallelism` says: the shard is the unit of retry, output and resume.
+        return [
+            ReadTask(
+                functools.partial(read_shard, shard, self._spec),
+                BlockMetadata(num_rows=None, size_bytes=shard.size, exec_stats=None, input_files=(shard.url,)),
+                schema=rows.READ_SCHEMA,
+            )
+            for shard in self._spec.shards
+        ]
+
+
+class _Block:
+    """Column lists for one output block, flushed by row count or bytes."""
+
+    def __init__(self) -> None:
+        self.columns: dict[str, list[object]] = {f.name: [] for f in rows.READ_SCHEMA}
+        self.bytes = 0
+
+    def add(self, **values: object) -> None:
+        for name, column in self.columns.items():
+            column.append(values.get(name))
+        image = values.get(rows.IMAGE_BYTES)
+        self.bytes += len(image) if isinstance(image, (bytes, bytearray)) else 0
+
+    def __len__(self) -> int:
+        return len(self.columns[rows.RECORD])
+
+    def table(self) -> pa.Table:
+        return pa.Table.from_pydict(self.columns, schema=rows.READ_SCHEMA)
+
+
+def read_shard(shard: Shard, spec: ReadSpec) -> Iterator[pa.Table]:
+    started = time.perf_counter()
+    failures: list[str] = []
+    count = 0
+    block = _Block()
+
+    def on_error(exc: Exception) -> bool:
+        message = str(exc.args[0]) if exc.args else type(exc).__name__
+        if "duplicate file name" in message:
+            return True  # keep the sample with the first copy; the tar is otherwise readable
+        failures.append(f"{type(exc).__name__}: {message.split(' @ ')[0]}")
+        return False
+
+    try:
+        fs, path = filesystem(shard.url, spec.storage)
+        with fs.open(path, "rb") as stream:
+            files = tar_file_expander([{"url": shard.url, "stream": stream}], handler=on_error)
+            for sample in group_by_keys(files, lcase=False, handler=on_error):
+                block.add(**_sample_row(sample, shard.url, count, spec))
+                count += 1
+                if len(block) >= spec.rows_per_block or block.bytes >= _MAX_BLOCK_BYTES:
+                    yield block.table()
+                    block = _Block()
+    except Exception as exc:
+        failures.append(describe_storage_error(exc, shard.url, spec.storage))
+
+    status = rows.SHARD_OK if not failures else rows.SHARD_PARTIAL if count else rows.SHARD_FAILED
+    block.add(
+        **{
+            rows.RECORD: rows.SHARD_END,
+            "shard": shard.url,
+            rows.SHARD_SAMPLES: count,
+            rows.SHARD_STATUS: status,
+            rows.SHARD_ERROR: "; ".join(failures) or None,
+            rows.seconds_column("read"): time.perf_counter() - started,
+        }
+    )
+    yield block.table()
+
+
+def _sample_row(sample: dict[str, object], shard_url: str, index: int, spec: ReadSpec) -> dict[str, object]:
+    key = str(sample["__key__"])
+    suffixes = [s for s in sample if not s.startswith("__")]
+    by_lower = {}
+    for suffix in suffixes:
+        by_lower.setdefault(suffix.lower(), suffix)
+
+    image_suffix = next((by_lower[ext] for ext in spec.image_extensions if ext in by_lower), None)
+    metadata_suffix = by_lower.get(spec.metadata_extension.lower()) if spec.metadata_extension else None
+    image = sample[image_suffix] if image_suffix else None
+    metadata = sample[metadata_suffix] if metadata_suffix else None
+
+    row: dict[str, object] = {
+        rows.RECORD: rows.SAMPLE,
+        "shard": shard_url,
+        "key": key,
+        rows.INDEX: index,
+        "members": [f"{key}.{s}" for s in suffixes],
+        "image_member": f"{key}.{image_suffix}" if image_suffix else None,
+        rows.IMAGE_BYTES: image,
+        "image_sha256": hashlib.sha256(image).hexdigest() if isinstance(image, bytes) else None,
+        "metadata": metadata.decode("utf-8", errors="replace") if isinstance(metadata, bytes) else None,
+    }
+    if image_suffix is None:
+        found = ", ".join(suffixes) or "nothing"
+        row["error"] = f"no image member (looked for {', '.join(spec.image_extensions)}; found {found})"
+        row["error_reason"] = "no_image"
+    return row

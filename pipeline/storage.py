@@ -1,0 +1,128 @@
+"""fsspec URLs: validation, filesystem construction and readable storage errors.
+
+The driver resolves every setting that comes from its own environment (the S3 endpoint) into the
+`StorageConfig` it ships to workers, so a worker on another node talks to the same store.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from typing import TYPE_CHECKING
+
+import fsspec
+from fsspec.core import split_protocol
+
+if TYPE_CHECKING:
+    from pipeline.config import StorageConfig
+
+# Protocols that name the same store; outputs and shard names use the first spelling.
+_S3_PROTOCOLS = ("s3", "s3a")
+_READ_ONLY_PROTOCOLS = ("http", "https")
+
+
+def protocol_of(url: str) -> str:
+    protocol, _ = split_protocol(url)
+    return protocol or "file"
+
+
+def check_url(url: str, *, writable: bool = False) -> str:
+    """Reject URLs no installed fsspec backend can serve, naming the package that would."""
+    if not url or not url.strip():
+        raise ValueError("URL is empty")
+    protocol = protocol_of(url)
+    if writable and protocol in _READ_ONLY_PROTOCOLS:
+        raise ValueError(f"{protocol}:// is read-only; outputs need a writable store such as s3:// or a local path")
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except ValueError:
+        known = ", ".join(sorted(p for p in _COMMON_PROTOCOLS if _importable(p)))
+        raise ValueError(f"unsupported URL scheme {protocol!r} in {url!r} (supported: {known}, or a local path)") from None
+    except ImportError as exc:
+        raise ValueError(f"URL scheme {protocol!r} needs a package that is not installed: {exc}") from None
+    return url
+
+
+_COMMON_PROTOCOLS = {"file", "s3", "s3a", "gs", "gcs", "abfs", "az", "http", "https", "hf", "memory"}
+
+
+def _importable(protocol: str) -> bool:
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except (ImportError, ValueError):
+        return False
+    return True
+
+
+def resolve_storage(storage: "StorageConfig", url: str) -> "StorageConfig":
+    """Pin settings the driver takes from its environment, so remote workers use the same endpoint."""
+    if protocol_of(url) in _S3_PROTOCOLS and storage.endpoint_url is None:
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            return storage.model_copy(update={"endpoint_url": endpoint})
+    return storage
+
+
+def fsspec_options(storage: "StorageConfig", url: str) -> dict[str, object]:
+    """Keyword arguments for the URL's fsspec filesystem. Holds secrets: never log the result."""
+    options: dict[str, object] = dict(storage.options)
+    if protocol_of(url) not in _S3_PROTOCOLS:
+        return options
+    if storage.endpoint_url:
+        options["endpoint_url"] = storage.endpoint_url
+    if storage.region:
+        options.setdefault("client_kwargs", {})["region_name"] = storage.region  # type: ignore[index]
+    if storage.profile:
+        options["profile"] = storage.profile
+    if storage.anon:
+        options["anon"] = True
+    if storage.access_key_id is not None and storage.secret_access_key is not None:
+        options["key"] = storage.access_key_id.get_secret_value()
+        options["secret"] = storage.secret_access_key.get_secret_value()
+    if storage.session_token is not None:
+        options["token"] = storage.session_token.get_secret_value()
+    return options
+
+
+def filesystem(url: str, storage: "StorageConfig") -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem serving `url` and the path within it."""
+    fs, path = fsspec.core.url_to_fs(url, **fsspec_options(storage, url))
+    return fs, path
+
+
+def join(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def describe_storage_error(exc: BaseException, url: str, storage: "StorageConfig | None" = None) -> str:
+    """One line a user can act on, for errors met while listing or opening `url`."""
+    endpoint = storage.endpoint_url if storage is not None else None
+    where = f"{url}" + (f" (endpoint {endpoint})" if endpoint else "")
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, FileNotFoundError):
+        return f"{where}: not found"
+    if isinstance(exc, PermissionError):
+        return f"{where}: access denied ({text})"
+    if _is_connection_error(exc):
+        return f"{where}: cannot reach the storage endpoint ({text})"
+    if isinstance(exc, OSError) and exc.errno == errno.ENOENT:
+        return f"{where}: not found"
+    return f"{where}: {type(exc).__name__}: {text}"
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        name = type(current).__name__
+        if isinstance(current, (ConnectionError, TimeoutError)) or name in {
+            "EndpointConnectionError",
+            "ConnectTimeoutError",
+            "ClientConnectorError",
+            "ServerDisconnectedError",
+            "ReadTimeoutError",
+        }:
+            return True
+        current = current.__cause__ or current.__context__
+    return False

@@ -1,0 +1,1 @@
+"""Versioned output schemas, installed as the package `pipeline._schemas` (see pyproject.toml)."""
