@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import typing
 from pathlib import Path
 from typing import Annotated, Literal, Mapping, Union
 
@@ -18,6 +19,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PlainSerializer,
     PlainValidator,
     SecretStr,
     ValidationError,
@@ -54,7 +56,11 @@ def _check_concurrency(value: object) -> int | tuple[int, int]:
     raise ValueError(f"must be {shape}")
 
 
-Concurrency = Annotated[Union[int, tuple[int, int]], PlainValidator(_check_concurrency)]
+Concurrency = Annotated[
+    Union[int, tuple[int, int]],
+    PlainValidator(_check_concurrency),
+    PlainSerializer(lambda value: list(value) if isinstance(value, tuple) else value),
+]
 
 
 class StorageConfig(StrictModel):
@@ -363,6 +369,47 @@ class JobConfig(StrictModel):
         return getattr(self, section).storage or self.storage
 
 
+# Fields whose rejected values must never be echoed back: they may hold credentials.
+_SECRET_FIELDS = frozenset({"access_key_id", "secret_access_key", "session_token", "options"})
+
+
+def nested_model(annotation: object) -> type[BaseModel] | None:
+    """The config model inside an annotation such as `StorageConfig | None`, if any."""
+    for candidate in (annotation, *typing.get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def _is_mapping(annotation: object) -> bool:
+    return any(typing.get_origin(a) is dict for a in (annotation, *typing.get_args(annotation)))
+
+
+def _field_location(loc: tuple[str | int, ...]) -> tuple[tuple[str | int, ...], type[BaseModel]]:
+    """The user's path to a field, without the tags pydantic adds for union members and validators,
+    and the model that holds its last key (for listing the allowed keys)."""
+    model: type[BaseModel] | None = JobConfig
+    holder: type[BaseModel] = JobConfig
+    path: list[str | int] = []
+    mapping_key_next = False
+    for part in loc:
+        if isinstance(part, int) or mapping_key_next:
+            path.append(part)
+            mapping_key_next = False
+            continue
+        if model is None:
+            continue  # a tag such as 'str' or 'function-after[...]' under a non-model field
+        holder = model
+        path.append(part)
+        if part in model.model_fields:
+            annotation = model.model_fields[part].annotation
+            model = nested_model(annotation)
+            mapping_key_next = _is_mapping(annotation)
+        else:
+            model = None  # a key the user wrote that this level does not have
+    return tuple(path), holder
+
+
 def _format_location(loc: tuple[str | int, ...]) -> str:
     out = ""
     for part in loc:
@@ -373,41 +420,37 @@ def _format_location(loc: tuple[str | int, ...]) -> str:
     return out or "(top level)"
 
 
-def _fields_at(loc: tuple[str | int, ...]) -> list[str] | None:
-    """Allowed keys of the model that holds `loc`'s last key, for 'unknown field' hints."""
-    model: type[BaseModel] = JobConfig
-    for part in loc[:-1]:
-        if isinstance(part, int):
-            continue
-        field = model.model_fields.get(part)
-        if field is None:
-            return None
-        candidates = [field.annotation, *getattr(field.annotation, "__args__", ())]
-        nested = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
-        if not nested:
-            return None
-        model = nested[0]
-    return list(model.model_fields)
-
-
 def describe_validation_error(error: ValidationError, source: str) -> str:
-    lines = [f"{source}: invalid job spec"]
+    """One line per bad field, named by its dotted path; union members' complaints merged into one."""
+    problems: dict[str, list[str]] = {}
     for item in error.errors():
-        loc = tuple(p for p in item["loc"] if not (isinstance(p, str) and p.startswith(("int", "tuple[", "function-"))))
+        loc, holder = _field_location(tuple(item["loc"]))
         where = _format_location(loc)
         if item["type"] == "extra_forbidden":
-            allowed = _fields_at(loc)
-            hint = f" (allowed here: {', '.join(allowed)})" if allowed else ""
-            lines.append(f"  {where}: unknown field{hint}")
+            message = f"unknown field (allowed here: {', '.join(holder.model_fields)})"
         elif item["type"] == "missing":
-            lines.append(f"  {where}: required field is missing")
+            message = "required field is missing"
         else:
             message = item["msg"].removeprefix("Value error, ")
             shown = item.get("input")
-            # Secrets are SecretStr, so a rejected input is never a credential; long inputs are cut for the terminal.
-            shown_text = "" if isinstance(shown, (dict, list)) or shown is None else f" (got {str(shown)[:80]!r})"
-            lines.append(f"  {where}: {message}{shown_text}")
+            secret = any(part in _SECRET_FIELDS for part in loc)
+            if shown is not None and not isinstance(shown, (dict, list)) and not secret:
+                message += f" (got {str(shown)[:80]!r})"
+        messages = problems.setdefault(where, [])
+        if message not in messages:
+            messages.append(message)
+    lines = [f"{source}: invalid job spec"]
+    for where, messages in problems.items():
+        lines.append(f"  {where}: {_merge_messages(messages)}")
     return "\n".join(lines)
+
+
+def _merge_messages(messages: list[str]) -> str:
+    prefix = "Input should be a valid "
+    if len(messages) > 1 and all(m.startswith(prefix) for m in messages):
+        kinds = [m.removeprefix(prefix) for m in messages]
+        return f"{prefix}{', '.join(kinds[:-1])} or {kinds[-1]}"
+    return "; ".join(messages)
 
 
 def parse_job(raw: object, *, source: str = "job") -> JobConfig:

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import re
 import sys
-import typing
 from pathlib import Path
 
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from pipeline import rows
-from pipeline.config import JobConfig
+from pipeline.config import JobConfig, nested_model
 from pipeline.schema import load_schema
 
 MARKERS = {
@@ -23,13 +22,6 @@ MARKERS = {
     "schema": ("<!-- BEGIN GENERATED: output schema -->", "<!-- END GENERATED: output schema -->"),
     "reasons": ("<!-- BEGIN GENERATED: error reasons -->", "<!-- END GENERATED: error reasons -->"),
 }
-
-
-def _nested_model(annotation: object) -> type[BaseModel] | None:
-    for candidate in (annotation, *typing.get_args(annotation)):
-        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
-            return candidate
-    return None
 
 
 def _type_name(annotation: object) -> str:
@@ -65,7 +57,7 @@ def config_markdown() -> str:
         nonlocal seen_storage
         for name, field in model.model_fields.items():
             path = f"{prefix}{name}"
-            nested = _nested_model(field.annotation)
+            nested = nested_model(field.annotation)
             if nested is not None and nested.__name__ == "StorageConfig" and prefix:
                 lines.append(f"| `{path}` | storage | `null` | {field.description} Same fields as `storage`. |")
                 continue

@@ -64,11 +64,13 @@ def prompts_for(tasks: TasksConfig, questions: list[str]) -> list[Prompt]:
 
 
 _TAG_SEPARATORS = re.compile(r"[,;\n\r\t]+|\s+-\s+|(?:^|\s)\d+[.)]\s+|\u2022")
+_LIST_MARKER = re.compile(r"^\s*(?:\d+[.)]|[-*\u2022])\s+")
 _EDGE_PUNCTUATION = " \t\"'`*.:!?()[]{}<>#-_"
 
 
 def normalize_tag(text: str) -> str:
-    tag = unicodedata.normalize("NFKC", text).lower().strip(_EDGE_PUNCTUATION)
+    """Lower case, single spaces, no list numbering or edge punctuation: `2. Red Car!` -> `red car`."""
+    tag = _LIST_MARKER.sub("", unicodedata.normalize("NFKC", text)).lower().strip(_EDGE_PUNCTUATION)
     return re.sub(r"\s+", " ", tag)
 
 

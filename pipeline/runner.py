@@ -92,18 +92,21 @@ def plan_job(job: JobConfig, *, run_id: str | None = None, read_only: bool = Fal
 
 
 def _check_output(url: str, storage: StorageConfig, *, write_probe: bool) -> None:
-    """Write and delete a probe, so missing buckets and denied writes stop the run before any work."""
+    """Check the output location exists, then write and delete a probe, so a missing bucket or a
+    denied write stops the run before any work. Never creates a bucket (s3fs's makedirs would)."""
     try:
         fs, root = filesystem(url, storage)
+        if _nearest_existing(fs, root) is None:
+            raise ConfigError(f"output.url: cannot write under {url}: its bucket does not exist (runs never create buckets)")
         if not write_probe:
-            if _nearest_existing(fs, root) is None:
-                raise FileNotFoundError(url)
             return
         probe = join(root, RUNS_DIR, f".write-check-{secrets.token_hex(4)}")
         fs.makedirs(join(root, RUNS_DIR), exist_ok=True)
         with fs.open(probe, "wb") as handle:
             handle.write(b"ok")
         fs.rm(probe)
+    except ConfigError:
+        raise
     except Exception as exc:
         raise ConfigError(f"output.url: cannot write under {url}: {describe_storage_error(exc, url, storage)}") from None
 

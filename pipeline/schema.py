@@ -12,6 +12,7 @@ from functools import lru_cache
 from importlib import resources
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 CURRENT_VERSION = 1
 METADATA_PREFIX = "llava_pipeline."
@@ -94,6 +95,10 @@ class OutputSchema:
                     raise ValueError(f"column {column.name!r}: {values.type} does not fit {column.type}: {exc}") from None
             if not column.nullable and values.null_count:
                 raise ValueError(f"column {column.name!r} is not nullable but has {values.null_count} nulls")
+            for chunk in values.chunks:
+                nested = _nested_null_violation(chunk, column.name)
+                if nested:
+                    raise ValueError(f"{nested} is not nullable but has nulls")
             arrays.append(values)
         schema = self.arrow
         if extra_metadata:
@@ -101,6 +106,26 @@ class OutputSchema:
                 {**schema.metadata, **{f"{METADATA_PREFIX}{k}".encode(): v.encode() for k, v in extra_metadata.items()}}
             )
         return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def _nested_null_violation(values: pa.Array, path: str) -> str | None:
+    """The first non-nullable field inside lists and structs that holds a null where its parent does not."""
+    kind = values.type
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind):
+        items = values.flatten()
+        if not kind.value_field.nullable and items.null_count:
+            return f"{path}[]"
+        return _nested_null_violation(items, f"{path}[]")
+    if pa.types.is_struct(kind):
+        parent_valid = pc.is_valid(values)
+        for field, child in zip(kind, values.flatten()):
+            child_path = f"{path}.{field.name}"
+            if not field.nullable and pc.any(pc.and_(pc.is_null(child), parent_valid)).as_py():
+                return child_path
+            found = _nested_null_violation(child, child_path)
+            if found:
+                return found
+    return None
 
 
 @lru_cache(maxsize=None)

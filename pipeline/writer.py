@@ -82,6 +82,8 @@ class ShardCommitter:
             for url in pc.unique(shard_column).to_pylist():
                 part = samples.filter(pc.equal(shard_column, url))
                 result = self.results[url]
+                if result.finished:
+                    raise RuntimeError(f"{url}: {part.num_rows} row(s) arrived after the shard was committed")
                 result.parts.append(part)
                 result.received += part.num_rows
                 touched.add(url)

@@ -115,7 +115,7 @@ class GenerateStage:
                 if failures:
                     message = f"generation failed: {type(failures[0]).__name__}: {failures[0]}"
                     errors[row] = f"{errors[row]}; {message}" if errors[row] else message
-                    reasons[row] = reasons[row] or "generation_failed"
+                    reasons[row] = "generation_failed"  # the reason that explains the missing outputs
                 else:
                     texts = [answers[(row, slot)] for slot in range(len(row_tasks))]
                     by_task = list(zip(row_tasks, texts))

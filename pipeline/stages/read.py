@@ -24,6 +24,8 @@ from pipeline.shards import Shard
 from pipeline.storage import describe_storage_error, filesystem
 
 _MAX_BLOCK_BYTES = 64 * 1024 * 1024
+_END_OF_ARCHIVE = b"\0" * 1024  # two zero blocks close every complete tar
+_GZIP_MAGIC = b"\x1f\x8b"
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,34 @@ class WebDatasetShards(Datasource):
             )
             for shard in self._spec.shards
         ]
+
+
+class _TailTrackingReader:
+    """A read-only stream that remembers how it began and its last kilobyte.
+
+    Python's tarfile takes a tar cut at (or inside) a member header for a normal end of archive,
+    which would report a truncated shard as complete with samples silently missing. A complete
+    uncompressed tar ends with two zero blocks; reading the stream to its end and checking its
+    tail tells the two apart. Compressed tars need no help: gzip detects truncation itself.
+    """
+
+    def __init__(self, raw):
+        self.raw = raw
+        self.head = b""
+        self.tail = b""
+        self.name = getattr(raw, "name", None)
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        if len(self.head) < 2:
+            self.head = (self.head + data)[:2]
+        self.tail = (self.tail + data)[-len(_END_OF_ARCHIVE) :]
+        return data
+
+    def truncated(self) -> bool:
+        while self.read(1 << 20):
+            pass
+        return self.head != _GZIP_MAGIC and self.tail != _END_OF_ARCHIVE
 
 
 class _Block:
@@ -94,7 +124,8 @@ def read_shard(shard: Shard, spec: ReadSpec) -> Iterator[pa.Table]:
 
     try:
         fs, path = filesystem(shard.url, spec.storage)
-        with fs.open(path, "rb") as stream:
+        with fs.open(path, "rb") as raw:
+            stream = _TailTrackingReader(raw)
             files = tar_file_expander([{"url": shard.url, "stream": stream}], handler=on_error)
             for sample in group_by_keys(files, lcase=False, handler=on_error):
                 block.add(**_sample_row(sample, shard.url, count, spec))
@@ -102,6 +133,8 @@ def read_shard(shard: Shard, spec: ReadSpec) -> Iterator[pa.Table]:
                 if len(block) >= spec.rows_per_block or block.bytes >= _MAX_BLOCK_BYTES:
                     yield block.table()
                     block = _Block()
+            if not failures and stream.truncated():
+                failures.append("the tar ends without its end-of-archive blocks: the shard is truncated")
     except Exception as exc:
         failures.append(describe_storage_error(exc, shard.url, spec.storage))
 
@@ -119,15 +152,29 @@ def read_shard(shard: Shard, spec: ReadSpec) -> Iterator[pa.Table]:
     yield block.table()
 
 
+def _find_member(suffixes: list[str], extensions: tuple[str, ...]) -> str | None:
+    """The first suffix matching the preferred extension, case-insensitively.
+
+    WebDataset keys end at the first dot of a file name, so `photo.v2.jpg` has the suffix `v2.jpg`;
+    an exact suffix match wins, then a match on the last component, as webdataset's decoders do.
+    """
+    lowered = [s.lower() for s in suffixes]
+    for extension in extensions:
+        extension = extension.lower()
+        for suffix, low in zip(suffixes, lowered):
+            if low == extension:
+                return suffix
+        for suffix, low in zip(suffixes, lowered):
+            if low.rsplit(".", 1)[-1] == extension:
+                return suffix
+    return None
+
+
 def _sample_row(sample: dict[str, object], shard_url: str, index: int, spec: ReadSpec) -> dict[str, object]:
     key = str(sample["__key__"])
     suffixes = [s for s in sample if not s.startswith("__")]
-    by_lower = {}
-    for suffix in suffixes:
-        by_lower.setdefault(suffix.lower(), suffix)
-
-    image_suffix = next((by_lower[ext] for ext in spec.image_extensions if ext in by_lower), None)
-    metadata_suffix = by_lower.get(spec.metadata_extension.lower()) if spec.metadata_extension else None
+    image_suffix = _find_member(suffixes, spec.image_extensions)
+    metadata_suffix = _find_member(suffixes, (spec.metadata_extension,)) if spec.metadata_extension else None
     image = sample[image_suffix] if image_suffix else None
     metadata = sample[metadata_suffix] if metadata_suffix else None
 

@@ -1,0 +1,165 @@
+"""Shards in the local S3 server -> `llava-pipeline run` -> Parquet read back, key by key."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from support import base_job, read_output, upload
+
+from pipeline.cli import main
+from pipeline.schema import load_schema
+from pipeline.testing.shards import write_shards
+
+JOB_QUESTION = "What colour is the background?"
+SAMPLE_QUESTION = "Is there a star?"
+
+
+def _expected_keys(paths: list[Path], bucket: str) -> Counter:
+    import tarfile
+
+    keys: Counter = Counter()
+    for path in paths:
+        with tarfile.open(path) as tar:
+            names = {m.name.split(".", 1)[0] for m in tar.getmembers()}
+        keys.update((f"s3://{bucket}/shards/{path.name}", name) for name in names)
+    return keys
+
+
+@pytest.fixture(scope="module")
+def shard_files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    # Odd shards carry per-sample questions, even ones do not; formats and sizes vary within a shard.
+    directory = tmp_path_factory.mktemp("shards")
+    paths = write_shards(directory / "with-q", shards=2, samples_per_shard=7, seed=1, questions=[SAMPLE_QUESTION],
+                         extensions=("jpg", "png", "webp"), sizes=((64, 64), (40, 90), (100, 30)))
+    paths += write_shards(directory / "without-q", shards=1, samples_per_shard=5, seed=2,
+                          extensions=("png", "jpg"), sizes=((32, 32),), name="shard-{:05d}-b.tar")
+    return paths
+
+
+ALL_TASKS = {
+    "caption": {"max_new_tokens": 4},
+    "tags": {"max_new_tokens": 6},
+    "vqa": {"questions": [JOB_QUESTION], "sample_field": "questions", "max_new_tokens": 3},
+}
+
+
+@pytest.fixture(scope="module")
+def local_model_run(s3, ray_address, tiny_model, shard_files, tmp_path_factory):
+    """One run with the model from a saved directory; several tests inspect its outputs."""
+    bucket = "e2e-local-model"
+    s3.create_bucket(bucket)
+    for path in shard_files:
+        upload(s3, path, f"{bucket}/shards/{path.name}")
+    job = base_job(bucket, tiny_model, tasks=ALL_TASKS)
+    job_path = tmp_path_factory.mktemp("jobs") / "job.yaml"
+    import yaml
+
+    job_path.write_text(yaml.safe_dump(job))
+    exit_code = main(["run", str(job_path)])
+    return {"bucket": bucket, "exit_code": exit_code, "table": read_output(s3, f"s3://{bucket}/out/")}
+
+
+def test_run_completes_with_every_key_exactly_once(local_model_run, shard_files):
+    assert local_model_run["exit_code"] == 0
+    table = local_model_run["table"]
+    seen = Counter(zip(table.column("shard").to_pylist(), table.column("key").to_pylist()))
+    expected = _expected_keys(shard_files, local_model_run["bucket"])
+    assert seen == expected
+    assert all(n == 1 for n in seen.values())
+    assert table.column("error").null_count == table.num_rows
+
+
+def test_all_three_tasks_produce_their_columns(local_model_run):
+    rows = local_model_run["table"].to_pylist()
+    for row in rows:
+        assert isinstance(row["caption"], str)
+        assert isinstance(row["tags"], list)
+        questions = [qa["question"] for qa in row["vqa"]]
+        has_own = SAMPLE_QUESTION in (json.loads(row["metadata"]).get("questions") or [])
+        assert questions == ([JOB_QUESTION, SAMPLE_QUESTION] if has_own else [JOB_QUESTION])
+        assert all(isinstance(qa["answer"], str) for qa in row["vqa"])
+
+
+def test_rows_describe_their_images(local_model_run):
+    for row in local_model_run["table"].to_pylist():
+        truth_format = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}[row["image_member"].rsplit(".", 1)[1]]
+        assert row["image_format"] == truth_format
+        assert row["image_width"] > 0 and row["image_height"] > 0
+        assert len(row["image_sha256"]) == 64
+        assert sorted(row["members"]) == sorted([row["image_member"], f"{row['key']}.json"])
+        assert row["run_id"] and row["processed_at"] is not None
+        settings = json.loads(row["settings"])
+        assert settings["tasks"]["vqa"]["questions"] == [JOB_QUESTION]
+
+
+def test_outputs_are_one_file_per_shard_with_the_versioned_schema(s3, local_model_run, shard_files):
+    fs = s3.filesystem()
+    bucket = local_model_run["bucket"]
+    files = sorted(p.rsplit("/", 1)[1] for p in fs.find(f"{bucket}/out/") if p.endswith(".parquet"))
+    assert files == sorted(p.name.replace(".tar", ".parquet") for p in shard_files)
+    assert not fs.exists(f"{bucket}/out/_staging") or not fs.find(f"{bucket}/out/_staging")
+    with fs.open(f"{bucket}/out/{files[0]}", "rb") as handle:
+        schema = pq.read_schema(handle)
+    expected = load_schema().arrow
+    assert schema.names == expected.names
+    for name in expected.names:
+        assert schema.field(name).type == expected.field(name).type
+        assert schema.field(name).nullable == expected.field(name).nullable
+    assert schema.metadata[b"llava_pipeline.schema_version"] == b"1"
+
+
+def test_run_summary_is_written_next_to_the_outputs(s3, local_model_run):
+    fs = s3.filesystem()
+    bucket = local_model_run["bucket"]
+    summaries = fs.glob(f"{bucket}/out/_runs/*.json")
+    assert len(summaries) == 1
+    summary = json.loads(fs.cat_file(summaries[0]))
+    table = local_model_run["table"]
+    assert summary["status"] == "completed"
+    assert summary["samples"] == {"read": table.num_rows, "succeeded": table.num_rows, "failed": 0, "failed_by_reason": {}}
+    assert summary["shards"]["total"] == 3 and summary["shards"]["ok"] == 3
+    assert summary["run_id"] == table.column("run_id")[0].as_py()
+    assert summary["images_per_second"] > 0
+    assert set(summary["stages"]) == {"read", "prepare", "model"}
+    assert summary["stages"]["model"]["busy_seconds"] > 0
+
+
+def test_model_from_an_s3_prefix_gives_the_same_answers(s3, local_model_run, tiny_model, shard_files, tmp_path, write_job):
+    """The same checkpoint fetched from s3:// into a node cache answers exactly as the local directory does."""
+    bucket = "e2e-s3-model"
+    s3.create_bucket(bucket)
+    for path in shard_files:
+        upload(s3, path, f"{bucket}/shards/{path.name}")
+    upload(s3, tiny_model, f"{bucket}/models/tiny-llava")
+    cache = tmp_path / "cache"
+    job = base_job(
+        bucket,
+        f"s3://{bucket}/models/tiny-llava",
+        tasks=ALL_TASKS,
+        model={"cache_dir": str(cache)},
+        stages={
+            "read": {"num_cpus": 0.25},
+            "prepare": {"concurrency": [1, 2], "num_cpus": 0.5, "batch_size": 3},
+            "model": {"concurrency": [1, 2], "num_gpus": 0, "num_cpus": 0.5, "batch_size": 16},
+        },
+    )
+    assert main(["run", str(write_job(job))]) == 0
+
+    remote = read_output(s3, f"s3://{bucket}/out/").sort_by([("shard", "ascending"), ("key", "ascending")])
+    local = local_model_run["table"].sort_by([("shard", "ascending"), ("key", "ascending")])
+    assert remote.column("key").to_pylist() == local.column("key").to_pylist()
+    assert remote.column("caption").to_pylist() == local.column("caption").to_pylist()
+    assert remote.column("tags").to_pylist() == local.column("tags").to_pylist()
+    assert remote.column("vqa").to_pylist() == local.column("vqa").to_pylist()
+    assert set(remote.column("model").to_pylist()) == {f"s3://{bucket}/models/tiny-llava"}
+
+    entries = sorted(p.name for p in (cache / "remote").iterdir() if p.is_dir())
+    assert sorted(e.rsplit("-", 1)[1] for e in entries) == ["all", "processor"]
+    for entry in entries:
+        assert (cache / "remote" / entry / ".complete").exists()
+    weights = list((cache / "remote").glob("*-processor/*.safetensors"))
+    assert weights == [], "CPU workers must not fetch the weights"
