@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from pipeline import __version__
 from pipeline.errors import ConfigError, PipelineError
@@ -22,8 +23,9 @@ def _add_overrides(parser: argparse.ArgumentParser) -> None:
         "--input",
         metavar="URL",
         nargs="+",
-        help="replace input.urls: shard URLs or patterns (brace ranges and globs), e.g. "
-        "'s3://bucket/shards/shard-{00000..00999}.tar'",
+        action="extend",
+        help="replace input.urls: one or more shard URLs or patterns (brace ranges and globs, quoted), e.g. "
+        "'s3://bucket/shards/shard-{00000..00999}.tar'; repeatable. Put JOB.yaml before it.",
     )
     parser.add_argument("--output", metavar="URL", help="replace output.url, e.g. s3://bucket/captions/2026-11-22/")
     parser.add_argument(
@@ -73,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--shards", type=int, default=4, help="shards to generate (default 4)")
     demo.add_argument("--samples-per-shard", type=int, default=24, help="samples per shard (default 24)")
+    demo.add_argument("--workdir", type=Path, help="where generated shards and the model go (default .cache/demo)")
 
     schema = commands.add_parser("schema", help="print the output schema, column by column")
     schema.add_argument("--json", action="store_true", help="print the schema file itself")
@@ -90,9 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "validate":
             return _validate(args)
         if args.command == "demo":
-            from pipeline.demo import run_demo
+            from pipeline.demo import WORKDIR, run_demo
 
-            return run_demo(shards=args.shards, samples_per_shard=args.samples_per_shard)
+            return run_demo(shards=args.shards, samples_per_shard=args.samples_per_shard, workdir=args.workdir or WORKDIR)
         if args.command == "schema":
             return _schema(args)
     except ConfigError as exc:

@@ -10,11 +10,14 @@ from __future__ import annotations
 import os
 import random
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pyarrow.dataset as ds
 
 from pipeline.config import load_job
+from pipeline.errors import PipelineError
 from pipeline.runner import run_job
 from pipeline.testing import images as tricky
 from pipeline.testing.s3_server import local_s3
@@ -50,15 +53,31 @@ def _demo_shards(directory: Path, shards: int, samples_per_shard: int) -> list[P
     return paths
 
 
+@contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """Point this process (and the local Ray it starts) at the demo's S3 server, then put things back."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def run_demo(*, shards: int = 4, samples_per_shard: int = 24, workdir: Path = WORKDIR, job_path: Path = DEMO_JOB) -> int:
+    if not job_path.is_file():
+        raise PipelineError(f"the demo job {job_path} is missing; run the demo from a checkout of the repository")
     if workdir.exists():
         shutil.rmtree(workdir)
     model_dir = build_tiny_llava(workdir / "tiny-llava")
     shard_paths = _demo_shards(workdir / "shards", shards, samples_per_shard)
 
-    with local_s3() as s3:
+    with local_s3() as s3, _environment(s3.environment()):
         print(f"local S3 server at {s3.endpoint_url}, bucket s3://{BUCKET}")
-        os.environ.update(s3.environment())
         fs = s3.filesystem()
         fs.mkdir(BUCKET)
         for path in shard_paths:

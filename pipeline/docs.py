@@ -6,12 +6,14 @@ stale, so the README cannot drift from the config models or the schema file.
 
 from __future__ import annotations
 
+import json
 import re
 import sys
+import types
+import typing
 from pathlib import Path
 
-from pydantic import BaseModel
-from pydantic_core import PydanticUndefined
+from pydantic import BaseModel, SecretStr
 
 from pipeline import rows
 from pipeline.config import JobConfig, nested_model
@@ -25,28 +27,39 @@ MARKERS = {
 
 
 def _type_name(annotation: object) -> str:
-    text = repr(annotation) if not isinstance(annotation, type) else annotation.__name__
-    text = re.sub(r"typing\.|pipeline\.config\.|pydantic\.types\.|<class '|'>", "", text)
-    text = text.replace("NoneType", "null").replace("Union[int, tuple[int, int]]", "int | [min, max]")
-    return text.replace("Optional[", "").replace("Annotated[", "")
+    """A reader's name for a field type: `str or null`, `list of str`, `one of `a`, `b``."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is type(None):
+        return "null"
+    if origin is typing.Annotated:
+        return _type_name(args[0])
+    if origin in (typing.Union, types.UnionType):
+        names = [_type_name(a) for a in args if a is not type(None)]
+        if names == ["int", "[min, max]"]:
+            names = ["int or [min, max]"]
+        return " or ".join(names) + (" or null" if type(None) in args else "")
+    if origin is typing.Literal:
+        return "one of " + ", ".join(f"`{a}`" for a in args)
+    if origin is list:
+        return f"list of {_type_name(args[0])}"
+    if origin is dict:
+        return f"map of {_type_name(args[0])} to {_type_name(args[1])}"
+    if origin is tuple:
+        return "[min, max]"
+    if annotation is SecretStr:
+        return "secret string"
+    return getattr(annotation, "__name__", str(annotation))
 
 
 def _default(field) -> str:
     if field.is_required():
         return "**required**"
-    if field.default_factory is not None:
-        value = field.default_factory()
-        return "see below" if isinstance(value, BaseModel) else f"`{value!r}`"
-    if field.default is PydanticUndefined:
-        return ""
-    value = field.default
+    value = field.default_factory() if field.default_factory is not None else field.default
+    if isinstance(value, BaseModel):
+        return "see below"
     if isinstance(value, tuple):
         value = list(value)
-    if value is None:
-        return "`null`"
-    if isinstance(value, bool):
-        return f"`{str(value).lower()}`"
-    return f"`{value}`" if not isinstance(value, str) else f"`{value!r}`"
+    return f"`{json.dumps(value)}`"
 
 
 def config_markdown() -> str:
@@ -61,7 +74,7 @@ def config_markdown() -> str:
             if nested is not None and nested.__name__ == "StorageConfig" and prefix:
                 lines.append(f"| `{path}` | storage | `null` | {field.description} Same fields as `storage`. |")
                 continue
-            type_name = "section" if nested else _type_name(field.annotation)
+            type_name = "section" if nested else _type_name(field.annotation).replace("|", "\\|")
             description = (field.description or "").replace("|", "\\|")
             lines.append(f"| `{path}` | {type_name} | {_default(field)} | {description} |")
             if nested is not None:

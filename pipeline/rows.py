@@ -48,15 +48,18 @@ SHARD_FAILED = "failed"
 
 # Every error_reason a row can carry, with the stage that sets it.
 REASONS: dict[str, tuple[str, str]] = {
-    "no_image": ("read", "the sample has no member with one of `input.image_extensions`"),
+    "no_image": ("read", "The sample has no member with one of `input.image_extensions`."),
     **{code: ("prepare", text) for code, text in DECODE_REASONS.items()},
-    "bad_metadata": ("prepare", "the sample's JSON metadata is unreadable or its question field is not text"),
+    "bad_metadata": (
+        "prepare",
+        "The sample's JSON metadata is unreadable or its question field is not text; the job's own tasks still ran.",
+    ),
     "too_many_questions": (
         "prepare",
-        "the sample asks more than `tasks.vqa.max_questions_per_sample` questions; the first ones were answered",
+        "The sample asks more than `tasks.vqa.max_questions_per_sample` questions; the first ones were answered.",
     ),
-    "preprocess_failed": ("prepare", "the model's processor rejected the image or prompt"),
-    "generation_failed": ("model", "the model raised while generating for this sample alone"),
+    "preprocess_failed": ("prepare", "The model's processor rejected the image or prompt."),
+    "generation_failed": ("model", "The model raised while generating for this sample, even alone in its batch."),
 }
 
 READ_SCHEMA = pa.schema(
