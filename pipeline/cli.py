@@ -85,7 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Libraries log at INFO about routine things (where credentials came from); only ours speak at INFO.
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
     logging.getLogger("pipeline").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         if args.command == "run":
@@ -95,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             from pipeline.demo import WORKDIR, run_demo
 
-            return run_demo(shards=args.shards, samples_per_shard=args.samples_per_shard, workdir=args.workdir or WORKDIR)
+            return run_demo(
+                shards=args.shards, samples_per_shard=args.samples_per_shard, workdir=args.workdir or WORKDIR
+            )
         if args.command == "schema":
             return _schema(args)
     except ConfigError as exc:
@@ -130,7 +134,7 @@ def _validate(args: argparse.Namespace) -> int:
     if args.offline:
         print(f"ok: {args.job} is a valid job spec (storage and model not checked)")
         return 0
-    from pipeline.runner import plan_job
+    from pipeline.plan import plan_job
 
     plan = plan_job(job, read_only=True)
     first, last = plan.shards[0].url, plan.shards[-1].url

@@ -210,7 +210,6 @@ class TagsTask(StrictModel):
         "driver, before the run starts.",
     )
 
-
     @field_validator("vocabulary")
     @classmethod
     def _vocabulary_supported(cls, value: str | None) -> str | None:
@@ -227,7 +226,7 @@ class VqaTask(StrictModel):
     prompt: str = Field(
         _QUESTION_SLOT,
         description="Template wrapping each question; must contain `{question}`, e.g. "
-        "`\"{question} Answer in one word.\"`.",
+        '`"{question} Answer in one word."`.',
     )
     max_new_tokens: int = Field(32, ge=1, le=4096, description="Upper bound on generated tokens per answer.")
     max_questions_per_sample: int = Field(
@@ -323,7 +322,9 @@ class ModelStageConfig(StrictModel):
     num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per model actor.")
     batch_size: int = Field(8, ge=1, description="Images per generate call (each image asks every task).")
     max_tasks_in_flight_per_actor: int | None = Field(
-        None, ge=1, description="Batches queued per actor so the next one is ready when the model is. Unset: Ray's default."
+        None,
+        ge=1,
+        description="Batches queued per actor so the next one is ready when the model is. Unset: Ray's default.",
     )
 
 
@@ -352,7 +353,9 @@ class RayConfig(StrictModel):
 class JobConfig(StrictModel):
     """A whole job: what to read, which model, which tasks, where to write."""
 
-    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", description="Job name, used in logs and the run summary.")
+    name: str = Field(
+        ..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", description="Job name, used in logs and the run summary."
+    )
     input: InputConfig = Field(..., description="Input shards.")
     output: OutputConfig = Field(..., description="Parquet outputs.")
     model: ModelConfig = Field(..., description="The model.")
@@ -362,8 +365,15 @@ class JobConfig(StrictModel):
     stages: StagesConfig = Field(default_factory=StagesConfig, description="Per-stage Ray resources.")
     ray: RayConfig = Field(default_factory=RayConfig, description="Which Ray cluster runs the job.")
     storage: StorageConfig = Field(
-        default_factory=StorageConfig, description="Object-store settings used for every URL unless a section overrides them."
+        default_factory=StorageConfig,
+        description="Object-store settings used for every URL unless a section overrides them.",
     )
+
+    @model_validator(mode="after")
+    def _cuda_needs_a_gpu(self) -> "JobConfig":
+        if self.model.device == "cuda" and self.stages.model.num_gpus == 0:
+            raise ValueError("model.device is cuda but stages.model.num_gpus is 0, so model actors get no GPU")
+        return self
 
     def storage_for(self, section: Literal["input", "output", "model"]) -> StorageConfig:
         return getattr(self, section).storage or self.storage

@@ -68,7 +68,9 @@ def _environment(values: dict[str, str]) -> Iterator[None]:
                 os.environ[key] = value
 
 
-def run_demo(*, shards: int = 4, samples_per_shard: int = 24, workdir: Path = WORKDIR, job_path: Path = DEMO_JOB) -> int:
+def run_demo(
+    *, shards: int = 4, samples_per_shard: int = 24, workdir: Path = WORKDIR, job_path: Path = DEMO_JOB
+) -> int:
     if not job_path.is_file():
         raise PipelineError(f"the demo job {job_path} is missing; run the demo from a checkout of the repository")
     if workdir.exists():
@@ -89,9 +91,7 @@ def run_demo(*, shards: int = 4, samples_per_shard: int = 24, workdir: Path = WO
             job_path,
             inputs=[f"s3://{BUCKET}/shards/shard-{{00000..{shards - 1:05d}}}.tar"],
         )
-        job = job.model_copy(
-            update={"model": job.model.model_copy(update={"cache_dir": str(workdir / "model-cache")})}
-        )
+        job = job.model_copy(update={"model": job.model.model_copy(update={"cache_dir": str(workdir / "model-cache")})})
         result = run_job(job)
         if result.exit_code == 0:
             _show_rows(fs, job.output.url)

@@ -93,7 +93,9 @@ def schema_markdown() -> str:
         "| --- | --- | --- | --- |",
     ]
     for column in schema.columns:
-        lines.append(f"| `{column.name}` | `{column.type}` | {'yes' if column.nullable else 'no'} | {column.description} |")
+        lines.append(
+            f"| `{column.name}` | `{column.type}` | {'yes' if column.nullable else 'no'} | {column.description} |"
+        )
     return "\n".join(lines)
 
 
@@ -112,7 +114,8 @@ def render_readme(text: str) -> str:
         pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
         if not pattern.search(text):
             raise ValueError(f"README has no {begin} ... {end} section")
-        text = pattern.sub(lambda _: f"{begin}\n{GENERATORS[key]()}\n{end}", text)
+        section = f"{begin}\n{GENERATORS[key]()}\n{end}"
+        text = pattern.sub(lambda _, section=section: section, text)  # a function keeps backslashes literal
     return text
 
 

@@ -1,57 +1,33 @@
-"""Running a job: check everything that can be checked, then stream shards through Ray Data.
+"""Running a job: plan it (see `pipeline.plan`), then stream its shards through Ray Data.
 
-`plan_job` does all the checking without Ray: shards listed, output writable, checkpoint present,
-processor and chat template loadable, vocabulary read. Only then does `run_job` join or start a
-Ray cluster and build the dataset: read tasks -> prepare actors (CPU) -> model actors (GPU) -> the
-driver, which commits one Parquet file per finished shard and keeps the run's counters.
+`run_job` joins or starts a Ray cluster and builds the dataset: read tasks -> prepare actors
+(CPU) -> model actors (GPU) -> the driver, which commits one Parquet file per finished shard,
+keeps the run's counters and writes the summary.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import posixpath
 import re
-import secrets
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from pipeline.config import JobConfig, StorageConfig
+from pipeline.config import JobConfig
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.model_source import ModelSource, check_model_source, local_model_dir
-from pipeline.modeling import InputBuilder, load_processor
-from pipeline.prompts import TASK_ORDER, parse_vocabulary, prompts_for
+from pipeline.plan import Plan, check_cluster_fits, plan_job
 from pipeline.schema import load_schema
-from pipeline.shards import Shard, expand_shards
 from pipeline.stages.generate import GenerateSpec, GenerateStage
 from pipeline.stages.prepare import PrepareSpec, PrepareStage
 from pipeline.stages.read import ReadSpec, WebDatasetShards
-from pipeline.storage import describe_storage_error, filesystem, join, resolve_storage
+from pipeline.storage import describe_storage_error, filesystem, join
 from pipeline.summary import RunStats, build_summary, render_summary, summary_json
-from pipeline.writer import ShardCommitter
+from pipeline.writer import RUNS_DIR, ShardCommitter
 
 log = logging.getLogger(__name__)
 
-RUNS_DIR = "_runs"
 _PROGRESS_EVERY_SECONDS = 10.0
-
-
-@dataclass(frozen=True)
-class Plan:
-    job: JobConfig
-    run_id: str
-    shards: list[Shard]
-    input_storage: StorageConfig
-    output_storage: StorageConfig
-    model: ModelSource
-    vocabulary: frozenset[str] | None
-    settings: str
-
-    @property
-    def tasks(self) -> list[str]:
-        return [t for t in TASK_ORDER if getattr(self.job.tasks, t) is not None]
 
 
 @dataclass(frozen=True)
@@ -59,102 +35,6 @@ class RunResult:
     summary: dict[str, object]
     summary_url: str | None
     exit_code: int
-
-
-def new_run_id() -> str:
-    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
-
-
-def plan_job(job: JobConfig, *, run_id: str | None = None, read_only: bool = False) -> Plan:
-    """Every check that needs no Ray; a ConfigError here means nothing was started or written.
-
-    `read_only` (for `validate`) checks that the output location exists instead of writing a probe.
-    """
-    input_storage = resolve_storage(job.storage_for("input"), job.input.urls[0])
-    output_storage = resolve_storage(job.storage_for("output"), job.output.url)
-    model = ModelSource.from_config(job.model, resolve_storage(job.storage_for("model"), job.model.source))
-
-    shards = expand_shards(job.input.urls, input_storage)
-    _check_output(job.output.url, output_storage, write_probe=not read_only)
-    check_model_source(model)
-    _check_prompts(job, model)
-    vocabulary = _load_vocabulary(job, input_storage)
-    return Plan(
-        job=job,
-        run_id=run_id or new_run_id(),
-        shards=shards,
-        input_storage=input_storage,
-        output_storage=output_storage,
-        model=model,
-        vocabulary=vocabulary,
-        settings=_settings_json(job),
-    )
-
-
-def _check_output(url: str, storage: StorageConfig, *, write_probe: bool) -> None:
-    """Check the output location exists, then write and delete a probe, so a missing bucket or a
-    denied write stops the run before any work. Never creates a bucket (s3fs's makedirs would)."""
-    try:
-        fs, root = filesystem(url, storage)
-        if _nearest_existing(fs, root) is None:
-            raise ConfigError(f"output.url: cannot write under {url}: its bucket does not exist (runs never create buckets)")
-        if not write_probe:
-            return
-        probe = join(root, RUNS_DIR, f".write-check-{secrets.token_hex(4)}")
-        fs.makedirs(join(root, RUNS_DIR), exist_ok=True)
-        with fs.open(probe, "wb") as handle:
-            handle.write(b"ok")
-        fs.rm(probe)
-    except ConfigError:
-        raise
-    except Exception as exc:
-        raise ConfigError(f"output.url: cannot write under {url}: {describe_storage_error(exc, url, storage)}") from None
-
-
-def _nearest_existing(fs, path: str) -> str | None:
-    """The path or its closest existing ancestor: a run creates the rest, but not a bucket."""
-    while not fs.exists(path):
-        parent = posixpath.dirname(path.rstrip("/"))
-        if not parent or parent == path:
-            return None
-        path = parent
-    return path
-
-
-def _check_prompts(job: JobConfig, model: ModelSource) -> None:
-    """Render every job-level prompt through the checkpoint's own chat template before starting."""
-    processor = load_processor(local_model_dir(model, files="processor"), job.model)
-    builder = InputBuilder(processor)
-    for prompt in prompts_for(job.tasks, list(job.tasks.vqa.questions) if job.tasks.vqa else []):
-        builder.render(prompt.instruction)
-
-
-def _load_vocabulary(job: JobConfig, storage: StorageConfig) -> frozenset[str] | None:
-    if job.tasks.tags is None or job.tasks.tags.vocabulary is None:
-        return None
-    url = job.tasks.tags.vocabulary
-    try:
-        fs, path = filesystem(url, storage)
-        with fs.open(path, "rb") as handle:
-            text = handle.read().decode("utf-8")
-    except Exception as exc:
-        raise ConfigError(f"tasks.tags.vocabulary: {describe_storage_error(exc, url, storage)}") from None
-    vocabulary = parse_vocabulary(text)
-    if not vocabulary:
-        raise ConfigError(f"tasks.tags.vocabulary: {url} holds no tags")
-    return vocabulary
-
-
-def _settings_json(job: JobConfig) -> str:
-    settings = {
-        "model": job.model.model_dump(include={"source", "revision", "dtype", "attn_implementation"}),
-        "chat_template_override": job.model.chat_template is not None,
-        "tasks": job.tasks.model_dump(exclude_none=True),
-        "generation": job.generation.model_dump(exclude_none=True),
-        "max_image_pixels": job.decode.max_image_pixels,
-        "image_extensions": job.input.image_extensions,
-    }
-    return json.dumps(settings, sort_keys=True)
 
 
 def connect_ray(job: JobConfig) -> bool:
@@ -173,7 +53,9 @@ def connect_ray(job: JobConfig) -> bool:
         ray.init(
             num_cpus=job.ray.num_cpus,
             num_gpus=job.ray.num_gpus,
-            object_store_memory=job.ray.object_store_memory_mb * 1024 * 1024 if job.ray.object_store_memory_mb else None,
+            object_store_memory=job.ray.object_store_memory_mb * 1024 * 1024
+            if job.ray.object_store_memory_mb
+            else None,
             include_dashboard=False,
             runtime_env=runtime_env,
             log_to_driver=True,
@@ -271,6 +153,14 @@ def run_job(job: JobConfig, *, echo=print) -> RunResult:
     )
 
     started_ray = connect_ray(job)
+    import ray
+
+    try:
+        check_cluster_fits(job, ray.cluster_resources(), local=started_ray)
+    except ConfigError:
+        if started_ray:
+            ray.shutdown()
+        raise
     status, error, exit_code = "completed", None, 0
     try:
         progress = _Progress(echo, len(plan.shards))
@@ -292,8 +182,6 @@ def run_job(job: JobConfig, *, echo=print) -> RunResult:
     finally:
         committer.cleanup_staging()
         if started_ray:
-            import ray
-
             ray.shutdown()
 
     summary = build_summary(
@@ -364,4 +252,3 @@ class _Progress:
             f"progress: {done}/{self.total} shards done, {stats.samples} samples "
             f"({stats.failed} failed), {rate:.1f} images/s, {stats.elapsed:.0f} s elapsed"
         )
-

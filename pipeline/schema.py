@@ -35,7 +35,7 @@ def _arrow_type(spec: object) -> pa.DataType:
             raise ValueError(f"unknown column type {spec!r} (known: {', '.join(_PRIMITIVES)})")
         return _PRIMITIVES[spec]
     if isinstance(spec, dict) and len(spec) == 1:
-        (kind, inner), = spec.items()
+        ((kind, inner),) = spec.items()
         if kind == "list":
             return pa.list_(_arrow_type(inner))
         if kind == "struct":
@@ -92,7 +92,9 @@ class OutputSchema:
                 try:
                     values = values.cast(column.type)
                 except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-                    raise ValueError(f"column {column.name!r}: {values.type} does not fit {column.type}: {exc}") from None
+                    raise ValueError(
+                        f"column {column.name!r}: {values.type} does not fit {column.type}: {exc}"
+                    ) from None
             if not column.nullable and values.null_count:
                 raise ValueError(f"column {column.name!r} is not nullable but has {values.null_count} nulls")
             for chunk in values.chunks:
@@ -141,4 +143,6 @@ def load_schema(version: int = CURRENT_VERSION) -> OutputSchema:
         )
         for c in spec["columns"]
     )
-    return OutputSchema(name=spec["name"], version=int(spec["version"]), description=spec["description"], columns=columns)
+    return OutputSchema(
+        name=spec["name"], version=int(spec["version"]), description=spec["description"], columns=columns
+    )

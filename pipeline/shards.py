@@ -99,9 +99,13 @@ def _expand_one(pattern: str, storage: StorageConfig) -> list[Shard]:
     except ConfigError:
         raise
     except Exception as exc:
-        raise ConfigError(f"input.urls: cannot list {pattern!r}: {describe_storage_error(exc, pattern, storage)}") from None
+        raise ConfigError(
+            f"input.urls: cannot list {pattern!r}: {describe_storage_error(exc, pattern, storage)}"
+        ) from None
     if not shards:
-        raise ConfigError(f"input.urls: no shards match {pattern!r}" + (f" ({protocol}://)" if protocol != "file" else ""))
+        raise ConfigError(
+            f"input.urls: no shards match {pattern!r}" + (f" ({protocol}://)" if protocol != "file" else "")
+        )
     return shards
 
 
@@ -125,7 +129,9 @@ def _check_literals(fs, urls: list[str], prefix: str) -> list[Shard]:
             else:
                 shards.append(_shard(fs, path, entry.get("size"), prefix))
     if missing:
-        shown = ", ".join(missing[:_MAX_LISTED]) + (f" and {len(missing) - _MAX_LISTED} more" if len(missing) > _MAX_LISTED else "")
+        shown = ", ".join(missing[:_MAX_LISTED]) + (
+            f" and {len(missing) - _MAX_LISTED} more" if len(missing) > _MAX_LISTED else ""
+        )
         raise ConfigError(f"input.urls: {len(missing)} of {len(urls)} shard(s) do not exist: {shown}")
     return shards
 
@@ -135,7 +141,11 @@ def _shard(fs, path: str, size: int | None, prefix: str) -> Shard:
     stripped_prefix = fs._strip_protocol(prefix) if prefix else ""
     if stripped_prefix and not stripped_prefix.endswith("/"):
         stripped_prefix += "/"
-    relative = path[len(stripped_prefix) :] if stripped_prefix and path.startswith(stripped_prefix) else posixpath.basename(path)
+    relative = (
+        path[len(stripped_prefix) :]
+        if stripped_prefix and path.startswith(stripped_prefix)
+        else posixpath.basename(path)
+    )
     try:
         name = output_name(relative)
     except ValueError as exc:

@@ -37,7 +37,9 @@ def check_url(url: str, *, writable: bool = False) -> str:
         fsspec.get_filesystem_class(protocol)
     except ValueError:
         known = ", ".join(sorted(p for p in _COMMON_PROTOCOLS if _importable(p)))
-        raise ValueError(f"unsupported URL scheme {protocol!r} in {url!r} (supported: {known}, or a local path)") from None
+        raise ValueError(
+            f"unsupported URL scheme {protocol!r} in {url!r} (supported: {known}, or a local path)"
+        ) from None
     except ImportError as exc:
         raise ValueError(f"URL scheme {protocol!r} needs a package that is not installed: {exc}") from None
     return url
@@ -54,9 +56,13 @@ def _importable(protocol: str) -> bool:
     return True
 
 
-def resolve_storage(storage: "StorageConfig", url: str) -> "StorageConfig":
-    """Pin settings the driver takes from its environment, so remote workers use the same endpoint."""
-    if protocol_of(url) in _S3_PROTOCOLS and storage.endpoint_url is None:
+def resolve_storage(storage: "StorageConfig") -> "StorageConfig":
+    """Pin settings the driver takes from its environment, so remote workers use the same endpoint.
+
+    The endpoint only ever applies to s3:// URLs (see `fsspec_options`), so pinning it is harmless
+    for sections whose URLs are local.
+    """
+    if storage.endpoint_url is None:
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         if endpoint:
             return storage.model_copy(update={"endpoint_url": endpoint})

@@ -10,7 +10,6 @@ partial file, and a rerun writes the same names again instead of adding duplicat
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -25,6 +24,7 @@ from pipeline.storage import join
 log = logging.getLogger(__name__)
 
 STAGING_DIR = "_staging"
+RUNS_DIR = "_runs"
 
 
 @dataclass

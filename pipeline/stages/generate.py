@@ -17,8 +17,8 @@ import pyarrow as pa
 
 from pipeline import rows
 from pipeline.config import GenerationConfig, ModelConfig, TasksConfig
-from pipeline.modeling import Generator, PromptInput, load_processor, unpack_arrays
 from pipeline.model_source import ModelSource, local_model_dir
+from pipeline.modeling import Generator, PromptInput, load_processor, unpack_arrays
 from pipeline.prompts import CAPTION, TAGS, VQA, parse_tags
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,9 @@ class GenerateStage:
             items.sort(key=lambda w: len(w.item.token_ids))
             for start in range(0, len(items), self.spec.batch_size):
                 chunk = items[start : start + self.spec.batch_size]
-                for w, answer in zip(chunk, self._generate_isolating([w.item for w in chunk], self.max_new_tokens[task])):
+                for w, answer in zip(
+                    chunk, self._generate_isolating([w.item for w in chunk], self.max_new_tokens[task])
+                ):
                     answers[(w.row, w.slot)] = answer
 
         table = self._with_results(table, tasks, answers)

@@ -15,8 +15,8 @@ import pyarrow as pa
 from pipeline import rows
 from pipeline.config import ModelConfig, TasksConfig
 from pipeline.images import ImageDecodeError, decode_image
-from pipeline.modeling import InputBuilder, load_processor, pack_arrays
 from pipeline.model_source import ModelSource, local_model_dir
+from pipeline.modeling import InputBuilder, load_processor, pack_arrays
 from pipeline.prompts import MetadataError, prompts_for, sample_questions
 
 _OUTPUT_FIELDS = [
@@ -105,7 +105,11 @@ class PrepareStage:
                 token_ids = self.builder.token_ids([self.builder.render(p.instruction) for p in prompts], replacement)
                 result[rows.MODEL_INPUTS] = pack_arrays(arrays)
         except Exception as exc:  # the processor's errors are as varied as the checkpoints that ship it
-            return {**result, "error": f"preprocessing failed: {type(exc).__name__}: {exc}", "error_reason": "preprocess_failed"}
+            return {
+                **result,
+                "error": f"preprocessing failed: {type(exc).__name__}: {exc}",
+                "error_reason": "preprocess_failed",
+            }
         result[rows.PROMPT_IDS] = token_ids
         result[rows.PROMPT_TASKS] = [p.task for p in prompts]
         result[rows.QUESTIONS] = questions

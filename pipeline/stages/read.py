@@ -49,7 +49,9 @@ class WebDatasetShards(Datasource):
         sizes = [s.size for s in self._spec.shards]
         return None if any(s is None for s in sizes) else int(sum(sizes))  # type: ignore[arg-type]
 
-    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context=None) -> list[ReadTask]:
+    def get_read_tasks(
+        self, parallelism: int, per_task_row_limit: int | None = None, data_context=None
+    ) -> list[ReadTask]:
         # One task per shard whatever `parallelism` says: the shard is the unit of retry, output and resume.
         return [
             ReadTask(

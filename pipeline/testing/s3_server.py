@@ -65,14 +65,18 @@ def start_local_s3(port: int | None = None, startup_timeout: float = 30.0) -> Lo
     deadline = time.monotonic() + startup_timeout
     while True:
         if process.poll() is not None:
-            raise RuntimeError(f"the local S3 server exited with code {process.returncode} (is moto[server] installed?)")
+            raise RuntimeError(
+                f"the local S3 server exited with code {process.returncode} (is moto[server] installed?)"
+            )
         try:
             with urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1):
                 break
         except OSError:
             if time.monotonic() > deadline:
                 process.kill()
-                raise RuntimeError(f"the local S3 server did not answer on {endpoint} within {startup_timeout:.0f} s")
+                raise RuntimeError(
+                    f"the local S3 server did not answer on {endpoint} within {startup_timeout:.0f} s"
+                ) from None
             time.sleep(0.2)
     return LocalS3(endpoint_url=endpoint, process=process)
 

@@ -148,7 +148,10 @@ def write_shards(
     for index in range(shards):
         path = directory / name.format(index)
         samples = synthetic_samples(
-            samples_per_shard, seed=seed * 100_003 + index, key_prefix=f"s{index:05d}", **sample_options  # type: ignore[arg-type]
+            samples_per_shard,
+            seed=seed * 100_003 + index,
+            key_prefix=f"s{index:05d}",
+            **sample_options,  # type: ignore[arg-type]
         )
         write_shard(path, samples)
         paths.append(path)

@@ -142,7 +142,12 @@ def build_tiny_llava(
 def build_tiny_llava_next(path: str | Path, *, seed: int = 0, image_size: int = 32, patch_size: int = 8) -> Path:
     """Save a tiny LlavaNextForConditionalGeneration: images become a variable number of tiles (any-res)."""
     import torch
-    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessor, LlavaNextProcessor
+    from transformers import (
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessor,
+        LlavaNextProcessor,
+    )
 
     tokenizer = build_tokenizer()
     pinpoints = [[image_size, image_size * 2], [image_size * 2, image_size], [image_size * 2, image_size * 2]]

@@ -20,7 +20,6 @@ from pipeline.testing.s3_server import LocalS3, start_local_s3, stop_local_s3
 from pipeline.testing.tiny_llava import build_tiny_llava
 
 
-
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     here = Path(__file__).parent
     for item in items:

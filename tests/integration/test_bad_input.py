@@ -14,7 +14,17 @@ from pipeline.cli import main
 from pipeline.testing.images import TRICKY_IMAGES
 from pipeline.testing.shards import synthetic_samples, write_shard
 
-EXTENSION = {"jpeg": "jpg", "jpg": "jpg", "png": "png", "tiff": "tif", "webp": "webp", "gif": "gif", "bomb": "png", "text": "jpg", "zero": "jpg"}
+EXTENSION = {
+    "jpeg": "jpg",
+    "jpg": "jpg",
+    "png": "png",
+    "tiff": "tif",
+    "webp": "webp",
+    "gif": "gif",
+    "bomb": "png",
+    "text": "jpg",
+    "zero": "jpg",
+}
 EXPECTED_REASON = {
     "truncated_jpeg": "corrupt_image",
     "broken_png": "corrupt_image",
@@ -122,9 +132,17 @@ def test_non_tar_shard_is_reported_failed_and_others_complete(s3, bad_input_run)
     problems = {p["shard"].rsplit("/", 1)[1]: p for p in summary["shards"]["problems"]}
     assert problems["shard-not-a-tar.tar"]["status"] == "failed"
     assert summary["shards"] | {"problems": None, "outputs": None} == {
-        "total": 4, "ok": 2, "partial": 1, "failed": 1, "unfinished": 0, "problems": None, "outputs": None,
+        "total": 4,
+        "ok": 2,
+        "partial": 1,
+        "failed": 1,
+        "unfinished": 0,
+        "problems": None,
+        "outputs": None,
     }
-    files = sorted(p.rsplit("/", 1)[1] for p in s3.filesystem().find(f"{bad_input_run['bucket']}/out/") if p.endswith(".parquet"))
+    files = sorted(
+        p.rsplit("/", 1)[1] for p in s3.filesystem().find(f"{bad_input_run['bucket']}/out/") if p.endswith(".parquet")
+    )
     assert files == ["shard-good.parquet", "shard-tricky.parquet", "shard-truncated.parquet"]
     good = [r for r in bad_input_run["table"].to_pylist() if r["shard"].endswith("shard-good.tar")]
     assert len(good) == 6 and all(r["error"] is None for r in good)

@@ -105,9 +105,13 @@ def test_run_with_overrides_joins_the_running_cluster(s3, ray_address, bucket, t
     result = run_cli(
         "run",
         str(write_job(spec)),
-        "--input", f"s3://{bucket}/tonight/shard-00000.tar", f"s3://{bucket}/tonight/shard-00001.tar",
-        "--output", f"s3://{bucket}/captions/2026-11-22/",
-        "--model", str(tiny_model),
+        "--input",
+        f"s3://{bucket}/tonight/shard-00000.tar",
+        f"s3://{bucket}/tonight/shard-00001.tar",
+        "--output",
+        f"s3://{bucket}/captions/2026-11-22/",
+        "--model",
+        str(tiny_model),
         env={"RAY_ADDRESS": ray_address},
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -127,7 +131,9 @@ def test_schema_command_documents_every_column():
         assert f"| `{column.name}` |" in result.stdout
 
 
-@pytest.mark.parametrize("spec", sorted(Path(__file__).parents[2].joinpath("jobs").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "spec", sorted(Path(__file__).parents[2].joinpath("jobs").glob("*.yaml")), ids=lambda p: p.name
+)
 def test_shipped_job_specs_are_valid(spec):
     result = run_cli("validate", "--offline", str(spec))
     assert result.returncode == 0, result.stderr

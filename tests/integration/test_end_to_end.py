@@ -33,10 +33,24 @@ def _expected_keys(paths: list[Path], bucket: str) -> Counter:
 def shard_files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     # Odd shards carry per-sample questions, even ones do not; formats and sizes vary within a shard.
     directory = tmp_path_factory.mktemp("shards")
-    paths = write_shards(directory / "with-q", shards=2, samples_per_shard=7, seed=1, questions=[SAMPLE_QUESTION],
-                         extensions=("jpg", "png", "webp"), sizes=((64, 64), (40, 90), (100, 30)))
-    paths += write_shards(directory / "without-q", shards=1, samples_per_shard=5, seed=2,
-                          extensions=("png", "jpg"), sizes=((32, 32),), name="shard-{:05d}-b.tar")
+    paths = write_shards(
+        directory / "with-q",
+        shards=2,
+        samples_per_shard=7,
+        seed=1,
+        questions=[SAMPLE_QUESTION],
+        extensions=("jpg", "png", "webp"),
+        sizes=((64, 64), (40, 90), (100, 30)),
+    )
+    paths += write_shards(
+        directory / "without-q",
+        shards=1,
+        samples_per_shard=5,
+        seed=2,
+        extensions=("png", "jpg"),
+        sizes=((32, 32),),
+        name="shard-{:05d}-b.tar",
+    )
     return paths
 
 
@@ -120,7 +134,12 @@ def test_run_summary_is_written_next_to_the_outputs(s3, local_model_run):
     summary = json.loads(fs.cat_file(summaries[0]))
     table = local_model_run["table"]
     assert summary["status"] == "completed"
-    assert summary["samples"] == {"read": table.num_rows, "succeeded": table.num_rows, "failed": 0, "failed_by_reason": {}}
+    assert summary["samples"] == {
+        "read": table.num_rows,
+        "succeeded": table.num_rows,
+        "failed": 0,
+        "failed_by_reason": {},
+    }
     assert summary["shards"]["total"] == 3 and summary["shards"]["ok"] == 3
     assert summary["run_id"] == table.column("run_id")[0].as_py()
     assert summary["images_per_second"] > 0
@@ -128,7 +147,9 @@ def test_run_summary_is_written_next_to_the_outputs(s3, local_model_run):
     assert summary["stages"]["model"]["busy_seconds"] > 0
 
 
-def test_model_from_an_s3_prefix_gives_the_same_answers(s3, local_model_run, tiny_model, shard_files, tmp_path, write_job):
+def test_model_from_an_s3_prefix_gives_the_same_answers(
+    s3, local_model_run, tiny_model, shard_files, tmp_path, write_job
+):
     """The same checkpoint fetched from s3:// into a node cache answers exactly as the local directory does."""
     bucket = "e2e-s3-model"
     s3.create_bucket(bucket)

@@ -30,7 +30,11 @@ def test_local_glob_in_file_url_out_keeps_the_directory_layout(ray_address, tiny
     assert main(["run", str(write_job(job))]) == 0
 
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*.parquet") if "_staging" not in p.parts)
-    assert files == ["2026-11-20/shard-00000.parquet", "2026-11-20/shard-00001.parquet", "2026-11-21/shard-00000.parquet"]
+    assert files == [
+        "2026-11-20/shard-00000.parquet",
+        "2026-11-20/shard-00001.parquet",
+        "2026-11-21/shard-00000.parquet",
+    ]
     table = ds.dataset(str(out), format="parquet").to_table()
     assert Counter(Counter(zip(table.column("shard").to_pylist(), table.column("key").to_pylist())).values()) == {1: 10}
     assert table.column("caption").null_count == table.num_rows  # the caption task was off

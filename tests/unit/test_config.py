@@ -122,7 +122,9 @@ def test_unknown_task_key_has_dotted_path_and_hint() -> None:
 
 def test_unknown_stage_key_has_dotted_path_and_hint() -> None:
     message = config_error(job_with(lambda r: r.update(stages={"model": {"batchsize": 4}})))
-    assert "  stages.model.batchsize: unknown field (allowed here: concurrency, num_gpus, num_cpus, batch_size," in message
+    assert (
+        "  stages.model.batchsize: unknown field (allowed here: concurrency, num_gpus, num_cpus, batch_size," in message
+    )
 
 
 def test_unknown_key_in_optional_storage_section_gets_hint() -> None:
@@ -171,7 +173,9 @@ def test_vqa_without_any_question_source_is_rejected() -> None:
 
 
 def test_vqa_prompt_without_question_slot_is_rejected() -> None:
-    message = config_error(job_with(lambda r: r["tasks"].update(vqa={"questions": ["Why?"], "prompt": "Answer briefly."})))
+    message = config_error(
+        job_with(lambda r: r["tasks"].update(vqa={"questions": ["Why?"], "prompt": "Answer briefly."}))
+    )
     assert "  tasks.vqa.prompt: must contain {question}" in message
 
 
@@ -323,7 +327,11 @@ def test_without_overrides_the_section_is_still_required(tmp_path: Path) -> None
 
 # --- secrets ------------------------------------------------------------------------------------------
 
-SECRETS = {"access_key_id": "AKIAEXAMPLEKEY", "secret_access_key": "s3cr3t-VALUE-xyz", "session_token": "tok-SECRET-123"}
+SECRETS = {
+    "access_key_id": "AKIAEXAMPLEKEY",
+    "secret_access_key": "s3cr3t-VALUE-xyz",
+    "session_token": "tok-SECRET-123",
+}
 
 
 def test_secrets_are_hidden_in_repr_str_and_json() -> None:
@@ -346,7 +354,9 @@ def test_secrets_in_a_section_storage_are_hidden() -> None:
 
 
 def test_rejected_secret_value_is_not_echoed() -> None:
-    message = config_error(job_with(lambda r: r.update(storage={"access_key_id": "AKIA", "secret_access_key": 987654321})))
+    message = config_error(
+        job_with(lambda r: r.update(storage={"access_key_id": "AKIA", "secret_access_key": 987654321}))
+    )
     assert "storage.secret_access_key" in message
     assert "987654321" not in message
 

@@ -46,9 +46,7 @@ def read_rows(path: Path, read_spec: ReadSpec | None = None) -> list[dict[str, A
 
 
 def simple_samples(count: int, size: int = 1000) -> list[dict[str, object]]:
-    return [
-        {"__key__": f"k{i}", "jpg": bytes([i + 1]) * size, "json": f'{{"i": {i}}}'.encode()} for i in range(count)
-    ]
+    return [{"__key__": f"k{i}", "jpg": bytes([i + 1]) * size, "json": f'{{"i": {i}}}'.encode()} for i in range(count)]
 
 
 @pytest.fixture
@@ -82,7 +80,11 @@ def test_rows_keep_key_shard_members_and_index_in_tar_order(tmp_path: Path) -> N
     assert [r["key"] for r in samples] == ["zeta", "alpha", "mid"]
     assert [r[rows.INDEX] for r in samples] == [0, 1, 2]
     assert {r["shard"] for r in table_rows} == {f"file://{path}"}
-    assert [r["members"] for r in samples] == [["zeta.jpg", "zeta.json"], ["alpha.png"], ["mid.jpg", "mid.json", "mid.txt"]]
+    assert [r["members"] for r in samples] == [
+        ["zeta.jpg", "zeta.json"],
+        ["alpha.png"],
+        ["mid.jpg", "mid.json", "mid.txt"],
+    ]
     with tarfile.open(path) as archive:
         assert [m for r in samples for m in r["members"]] == archive.getnames()
 

@@ -132,9 +132,7 @@ def test_patterns_are_merged_into_one_sorted_list(tmp_path: Path) -> None:
 
 def test_shard_matched_by_two_patterns_appears_once(tmp_path: Path) -> None:
     touch(tmp_path, "s-00.tar", "s-01.tar", "s-02.tar")
-    shards = expand_shards(
-        [f"{tmp_path}/s-01.tar", f"{tmp_path}/s-0*.tar", f"{tmp_path}/s-{{00..01}}.tar"], STORAGE
-    )
+    shards = expand_shards([f"{tmp_path}/s-01.tar", f"{tmp_path}/s-0*.tar", f"{tmp_path}/s-{{00..01}}.tar"], STORAGE)
     assert [s.url for s in shards] == urls(tmp_path, "s-00.tar", "s-01.tar", "s-02.tar")
     assert names(shards) == ["s-00", "s-01", "s-02"]
 

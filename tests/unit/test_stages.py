@@ -176,7 +176,13 @@ def test_prepare_drops_image_bytes_and_adds_its_columns(prepare: PrepareStage) -
     out = prepare(read_table(sample_row(0, red()), end_row(1)))
     assert rows.IMAGE_BYTES not in out.column_names
     assert out.column_names[: len(rows.READ_SCHEMA) - 1] == [n for n in rows.READ_SCHEMA.names if n != rows.IMAGE_BYTES]
-    for name in ("image_format", "image_width", "image_height", *INTERNAL_MODEL_COLUMNS, rows.seconds_column("prepare")):
+    for name in (
+        "image_format",
+        "image_width",
+        "image_height",
+        *INTERNAL_MODEL_COLUMNS,
+        rows.seconds_column("prepare"),
+    ):
         assert name in out.column_names
     assert out.schema.field("image_width").type == pa.int32()
     assert out.schema.field(rows.PROMPT_IDS).type == pa.list_(pa.list_(pa.int32()))
@@ -223,7 +229,9 @@ def test_prepare_passes_shard_end_and_error_rows_through_untouched(prepare: Prep
 
 
 def test_prepare_records_bad_metadata_but_still_builds_inputs(prepare: PrepareStage) -> None:
-    out = prepare(read_table(sample_row(0, red(), metadata="{not json"), sample_row(1, red(), metadata='{"questions": 7}')))
+    out = prepare(
+        read_table(sample_row(0, red(), metadata="{not json"), sample_row(1, red(), metadata='{"questions": 7}'))
+    )
     for row in out.to_pylist():
         assert row["error_reason"] == "bad_metadata"
         assert row["error"].startswith("metadata ")

@@ -100,7 +100,11 @@ def test_shard_is_written_once_all_rows_arrived_out_of_order(tmp_path: Path, end
     shard = make_shard(tmp_path, "shard-00000")
     writer = committer(tmp_path, [shard])
     out = tmp_path / "out"
-    batches = [batch(sample(shard, 3), sample(shard, 0)), batch(sample(shard, 4)), batch(sample(shard, 2), sample(shard, 1))]
+    batches = [
+        batch(sample(shard, 3), sample(shard, 0)),
+        batch(sample(shard, 4)),
+        batch(sample(shard, 2), sample(shard, 1)),
+    ]
     end = batch(shard_end(shard, 5))
     feed = [end, *batches] if end_first else [*batches, end]
 
@@ -192,7 +196,9 @@ def test_failed_shard_writes_no_file_and_is_finished(tmp_path: Path) -> None:
 def test_partial_shard_writes_the_rows_it_has(tmp_path: Path) -> None:
     shard = make_shard(tmp_path, "cut")
     writer = committer(tmp_path, [shard])
-    [done] = writer.add(batch(sample(shard, 1), sample(shard, 0), shard_end(shard, 2, rows.SHARD_PARTIAL, "ReadError: x")))
+    [done] = writer.add(
+        batch(sample(shard, 1), sample(shard, 0), shard_end(shard, 2, rows.SHARD_PARTIAL, "ReadError: x"))
+    )
     assert done.status == rows.SHARD_PARTIAL
     assert pq.read_table(tmp_path / "out" / "cut.parquet").column("key").to_pylist() == ["cut-000", "cut-001"]
 
