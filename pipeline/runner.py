@@ -72,6 +72,17 @@ def _actor_pool(concurrency: int | tuple[int, int], max_tasks_in_flight: int | N
     return ActorPoolStrategy(min_size=low, max_size=high, max_tasks_in_flight_per_actor=max_tasks_in_flight)
 
 
+def _map_stage(dataset, stage_class, spec, **resources):
+    """Add a stage: its class and typed spec, Arrow batches in and out, one row out per row in."""
+    return dataset.map_batches(
+        stage_class,
+        fn_constructor_kwargs={"spec": spec},
+        batch_format="pyarrow",
+        udf_modifying_row_count=False,
+        **resources,
+    )
+
+
 def build_dataset(plan: Plan):
     import ray.data
 
@@ -94,40 +105,34 @@ def build_dataset(plan: Plan):
         concurrency=stages.read.concurrency,
         num_cpus=stages.read.num_cpus,
     )
-    dataset = dataset.map_batches(
+    dataset = _map_stage(
+        dataset,
         PrepareStage,
-        fn_constructor_kwargs={
-            "spec": PrepareSpec(
-                model=plan.model,
-                model_config=job.model,
-                tasks=job.tasks,
-                max_image_pixels=job.decode.max_image_pixels,
-            )
-        },
-        batch_format="pyarrow",
+        PrepareSpec(
+            model=plan.model,
+            model_config=job.model,
+            tasks=job.tasks,
+            max_image_pixels=job.decode.max_image_pixels,
+        ),
         batch_size=stages.prepare.batch_size,
         compute=_actor_pool(stages.prepare.concurrency),
         num_cpus=stages.prepare.num_cpus,
-        udf_modifying_row_count=False,
     )
-    dataset = dataset.map_batches(
+    dataset = _map_stage(
+        dataset,
         GenerateStage,
-        fn_constructor_kwargs={
-            "spec": GenerateSpec(
-                model=plan.model,
-                model_config=job.model,
-                generation=job.generation,
-                tasks=job.tasks,
-                vocabulary=plan.vocabulary,
-                batch_size=stages.model.batch_size,
-            )
-        },
-        batch_format="pyarrow",
+        GenerateSpec(
+            model=plan.model,
+            model_config=job.model,
+            generation=job.generation,
+            tasks=job.tasks,
+            vocabulary=plan.vocabulary,
+            batch_size=stages.model.batch_size,
+        ),
         batch_size=stages.model.batch_size,
         compute=_actor_pool(stages.model.concurrency, stages.model.max_tasks_in_flight_per_actor),
-        num_gpus=stages.model.num_gpus or None,
         num_cpus=stages.model.num_cpus,
-        udf_modifying_row_count=False,
+        num_gpus=stages.model.num_gpus or None,
     )
     return dataset
 

@@ -90,9 +90,15 @@ def _vision_config(image_size: int, patch_size: int, vision_hidden: int):
     )
 
 
-def _save(path: Path, model, processor, tokenizer) -> Path:
+def _build(path: str | Path, *, seed: int, config, model_class, processor) -> Path:
+    import torch
+
+    torch.manual_seed(seed)
+    model = model_class(config)
+    tokenizer = processor.tokenizer
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
+    path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
     processor.save_pretrained(path)
@@ -112,7 +118,6 @@ def build_tiny_llava(
     tokenizer=None,
 ) -> Path:
     """Save a tiny LlavaForConditionalGeneration and its LlavaProcessor under `path`."""
-    import torch
     from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
     tokenizer = tokenizer or build_tokenizer(vocab_size)
@@ -123,8 +128,6 @@ def build_tiny_llava(
         vision_feature_select_strategy="default",
         vision_feature_layer=-1,
     )
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config)
     processor = LlavaProcessor(
         image_processor=CLIPImageProcessor(
             size={"shortest_edge": image_size},
@@ -136,12 +139,11 @@ def build_tiny_llava(
         num_additional_image_tokens=1,
         chat_template=LLAVA_CHAT_TEMPLATE,
     )
-    return _save(Path(path), model, processor, tokenizer)
+    return _build(path, seed=seed, config=config, model_class=LlavaForConditionalGeneration, processor=processor)
 
 
 def build_tiny_llava_next(path: str | Path, *, seed: int = 0, image_size: int = 32, patch_size: int = 8) -> Path:
     """Save a tiny LlavaNextForConditionalGeneration: images become a variable number of tiles (any-res)."""
-    import torch
     from transformers import (
         LlavaNextConfig,
         LlavaNextForConditionalGeneration,
@@ -159,8 +161,6 @@ def build_tiny_llava_next(path: str | Path, *, seed: int = 0, image_size: int = 
         vision_feature_select_strategy="default",
         vision_feature_layer=-1,
     )
-    torch.manual_seed(seed)
-    model = LlavaNextForConditionalGeneration(config)
     processor = LlavaNextProcessor(
         image_processor=LlavaNextImageProcessor(
             size={"shortest_edge": image_size},
@@ -173,4 +173,4 @@ def build_tiny_llava_next(path: str | Path, *, seed: int = 0, image_size: int = 
         num_additional_image_tokens=1,
         chat_template=LLAVA_CHAT_TEMPLATE,
     )
-    return _save(Path(path), model, processor, tokenizer)
+    return _build(path, seed=seed, config=config, model_class=LlavaNextForConditionalGeneration, processor=processor)
