@@ -142,4 +142,7 @@ def _fetch_hub(model: ModelSource, files: Files) -> str:
             ignore_patterns=ignore,
         )
     except Exception as exc:
-        raise ConfigError(f"model.source: cannot fetch {model.source!r} from the Hugging Face hub: {exc}") from None
+        raise ConfigError(
+            f"model.source: {model.source!r} is not a local directory, and fetching it from the Hugging Face hub "
+            f"failed: {type(exc).__name__}: {exc}"
+        ) from None

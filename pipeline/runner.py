@@ -11,11 +11,17 @@ import logging
 import os
 import re
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import Iterator
+
+import ray
+import ray.data
+from ray.data import ActorPoolStrategy
 
 from pipeline.config import JobConfig
-from pipeline.errors import ConfigError, PipelineError
+from pipeline.errors import PipelineError
 from pipeline.plan import Plan, check_cluster_fits, plan_job
 from pipeline.schema import load_schema
 from pipeline.stages.generate import GenerateSpec, GenerateStage
@@ -39,8 +45,6 @@ class RunResult:
 
 def connect_ray(job: JobConfig) -> bool:
     """Join the configured cluster or start a local one; True when this call started Ray."""
-    import ray
-
     if ray.is_initialized():
         return False
     runtime_env = {"env_vars": {"TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}}
@@ -64,8 +68,6 @@ def connect_ray(job: JobConfig) -> bool:
 
 
 def _actor_pool(concurrency: int | tuple[int, int], max_tasks_in_flight: int | None = None):
-    from ray.data import ActorPoolStrategy
-
     if isinstance(concurrency, int):
         return ActorPoolStrategy(size=concurrency, max_tasks_in_flight_per_actor=max_tasks_in_flight)
     low, high = concurrency
@@ -84,8 +86,6 @@ def _map_stage(dataset, stage_class, spec, **resources):
 
 
 def build_dataset(plan: Plan):
-    import ray.data
-
     job = plan.job
     stages = job.stages
     context = ray.data.DataContext.get_current()
@@ -137,6 +137,42 @@ def build_dataset(plan: Plan):
     return dataset
 
 
+@contextmanager
+def ray_cluster(job: JobConfig) -> Iterator[None]:
+    """The job's cluster, checked to fit the job; a local Ray started here is shut down after."""
+    started = connect_ray(job)
+    try:
+        check_cluster_fits(job, ray.cluster_resources(), local=started)
+        yield
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _stream(plan: Plan, committer: ShardCommitter, stats: RunStats, echo) -> tuple[str, str | None, int]:
+    """Drive the dataset to the end, committing shards as they complete; (status, error, exit code)."""
+    try:
+        progress = _Progress(echo, len(plan.shards))
+        for batch in build_dataset(plan).iter_batches(batch_format="pyarrow", batch_size=None):
+            stats.observe(batch)
+            committer.add(batch)
+            progress.maybe_report(stats, committer)
+        leftovers = committer.unfinished()
+        if leftovers:
+            raise PipelineError(
+                f"{len(leftovers)} shard(s) never completed, e.g. {leftovers[0].shard.url} "
+                f"({leftovers[0].received} of {leftovers[0].expected} rows)"
+            )
+    except KeyboardInterrupt:
+        return "interrupted", "interrupted by the user", 130
+    except Exception as exc:
+        log.debug("run failed", exc_info=True)
+        return "failed", _describe_run_error(exc), 1
+    finally:
+        committer.cleanup_staging()
+    return "completed", None, 0
+
+
 def run_job(job: JobConfig, *, echo=print) -> RunResult:
     """Plan, run and summarise a job. Raises ConfigError before any work when the job cannot run."""
     started_at = datetime.now(timezone.utc)
@@ -157,37 +193,8 @@ def run_job(job: JobConfig, *, echo=print) -> RunResult:
         compression=job.output.compression,
     )
 
-    started_ray = connect_ray(job)
-    import ray
-
-    try:
-        check_cluster_fits(job, ray.cluster_resources(), local=started_ray)
-    except ConfigError:
-        if started_ray:
-            ray.shutdown()
-        raise
-    status, error, exit_code = "completed", None, 0
-    try:
-        progress = _Progress(echo, len(plan.shards))
-        for batch in build_dataset(plan).iter_batches(batch_format="pyarrow", batch_size=None):
-            stats.observe(batch)
-            committer.add(batch)
-            progress.maybe_report(stats, committer)
-        leftovers = committer.unfinished()
-        if leftovers:
-            raise PipelineError(
-                f"{len(leftovers)} shard(s) never completed, e.g. {leftovers[0].shard.url} "
-                f"({leftovers[0].received} of {leftovers[0].expected} rows)"
-            )
-    except KeyboardInterrupt:
-        status, error, exit_code = "interrupted", "interrupted by the user", 130
-    except Exception as exc:
-        status, error, exit_code = "failed", _describe_run_error(exc), 1
-        log.debug("run failed", exc_info=True)
-    finally:
-        committer.cleanup_staging()
-        if started_ray:
-            ray.shutdown()
+    with ray_cluster(job):
+        status, error, exit_code = _stream(plan, committer, stats, echo)
 
     summary = build_summary(
         job_name=job.name,
