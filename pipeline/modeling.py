@@ -25,7 +25,7 @@ from pipeline.errors import ConfigError
 log = logging.getLogger(__name__)
 
 
-def _torchvision_available() -> bool:
+def torchvision_available() -> bool:
     try:
         import torchvision  # noqa: F401
     except Exception:
@@ -38,7 +38,7 @@ def load_processor(model_dir: str, config: ModelConfig):
     from transformers import AutoProcessor
 
     kwargs: dict[str, object] = {"trust_remote_code": config.trust_remote_code}
-    if not _torchvision_available():
+    if not torchvision_available():
         # transformers would pick the PIL backend anyway, but warns in every actor when left to choose.
         kwargs["backend"] = "pil"
     try:

@@ -90,6 +90,16 @@ def _vision_config(image_size: int, patch_size: int, vision_hidden: int):
     )
 
 
+def _image_processor_class(name: str):
+    """The torchvision image processor where torchvision is installed, else its PIL twin; both save
+    the same `image_processor_type`, and asking for the first without torchvision only logs a warning."""
+    import transformers
+
+    from pipeline.modeling import torchvision_available
+
+    return getattr(transformers, name if torchvision_available() else f"{name}Pil")
+
+
 def _build(path: str | Path, *, seed: int, config, model_class, processor) -> Path:
     import torch
 
@@ -118,7 +128,7 @@ def build_tiny_llava(
     tokenizer=None,
 ) -> Path:
     """Save a tiny LlavaForConditionalGeneration and its LlavaProcessor under `path`."""
-    from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
     tokenizer = tokenizer or build_tokenizer(vocab_size)
     config = LlavaConfig(
@@ -129,7 +139,7 @@ def build_tiny_llava(
         vision_feature_layer=-1,
     )
     processor = LlavaProcessor(
-        image_processor=CLIPImageProcessor(
+        image_processor=_image_processor_class("CLIPImageProcessor")(
             size={"shortest_edge": image_size},
             crop_size={"height": image_size, "width": image_size},
         ),
@@ -144,12 +154,7 @@ def build_tiny_llava(
 
 def build_tiny_llava_next(path: str | Path, *, seed: int = 0, image_size: int = 32, patch_size: int = 8) -> Path:
     """Save a tiny LlavaNextForConditionalGeneration: images become a variable number of tiles (any-res)."""
-    from transformers import (
-        LlavaNextConfig,
-        LlavaNextForConditionalGeneration,
-        LlavaNextImageProcessor,
-        LlavaNextProcessor,
-    )
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
 
     tokenizer = build_tokenizer()
     pinpoints = [[image_size, image_size * 2], [image_size * 2, image_size], [image_size * 2, image_size * 2]]
@@ -162,7 +167,7 @@ def build_tiny_llava_next(path: str | Path, *, seed: int = 0, image_size: int = 
         vision_feature_layer=-1,
     )
     processor = LlavaNextProcessor(
-        image_processor=LlavaNextImageProcessor(
+        image_processor=_image_processor_class("LlavaNextImageProcessor")(
             size={"shortest_edge": image_size},
             crop_size={"height": image_size, "width": image_size},
             image_grid_pinpoints=pinpoints,
