@@ -148,15 +148,9 @@ def _validate(args: argparse.Namespace) -> int:
 
 def _schema(args: argparse.Namespace) -> int:
     from pipeline.docs import schema_markdown
-    from pipeline.schema import load_schema
+    from pipeline.schema import schema_text
 
-    if args.json:
-        from importlib import resources
-
-        schema = load_schema()
-        print(resources.files("pipeline._schemas").joinpath(f"enrichment_v{schema.version}.json").read_text(), end="")
-    else:
-        print(schema_markdown())
+    print(schema_text() if args.json else schema_markdown(), end="" if args.json else "\n")
     return 0
 
 

@@ -130,10 +130,14 @@ def _nested_null_violation(values: pa.Array, path: str) -> str | None:
     return None
 
 
+def schema_text(version: int = CURRENT_VERSION) -> str:
+    """The schema file itself, as shipped in `schemas/` (installed as `pipeline._schemas`)."""
+    return resources.files("pipeline._schemas").joinpath(f"enrichment_v{version}.json").read_text(encoding="utf-8")
+
+
 @lru_cache(maxsize=None)
 def load_schema(version: int = CURRENT_VERSION) -> OutputSchema:
-    text = resources.files("pipeline._schemas").joinpath(f"enrichment_v{version}.json").read_text(encoding="utf-8")
-    spec = json.loads(text)
+    spec = json.loads(schema_text(version))
     columns = tuple(
         Column(
             name=c["name"],
