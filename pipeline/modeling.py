@@ -141,7 +141,8 @@ class Generator:
         kwargs: dict[str, object] = {"dtype": self.dtype, "trust_remote_code": config.trust_remote_code}
         if config.attn_implementation is not None:
             kwargs["attn_implementation"] = config.attn_implementation
-        self.model = AutoModelForImageTextToText.from_pretrained(model_dir, **kwargs).to(self.device).eval()
+        self.model = AutoModelForImageTextToText.from_pretrained(model_dir, device_map=str(self.device), **kwargs)
+        self.model.eval()
         self.generate_kwargs: dict[str, object] = {
             "do_sample": generation.do_sample,
             "num_beams": generation.num_beams,
