@@ -7,12 +7,9 @@ from s3:// to s3://, and prints the summary and some output rows read back from 
 
 from __future__ import annotations
 
-import os
 import random
 import shutil
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import pyarrow.dataset as ds
 
@@ -53,21 +50,6 @@ def _demo_shards(directory: Path, shards: int, samples_per_shard: int) -> list[P
     return paths
 
 
-@contextmanager
-def _environment(values: dict[str, str]) -> Iterator[None]:
-    """Point this process (and the local Ray it starts) at the demo's S3 server, then put things back."""
-    saved = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
 def run_demo(
     *, shards: int = 4, samples_per_shard: int = 24, workdir: Path = WORKDIR, job_path: Path = DEMO_JOB
 ) -> int:
@@ -78,7 +60,7 @@ def run_demo(
     model_dir = build_tiny_llava(workdir / "tiny-llava")
     shard_paths = _demo_shards(workdir / "shards", shards, samples_per_shard)
 
-    with local_s3() as s3, _environment(s3.environment()):
+    with local_s3() as s3, s3.as_environment():
         print(f"local S3 server at {s3.endpoint_url}, bucket s3://{BUCKET}")
         fs = s3.filesystem()
         fs.mkdir(BUCKET)

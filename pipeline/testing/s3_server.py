@@ -39,6 +39,21 @@ class LocalS3:
         """Variables that point boto, s3fs and this pipeline at the server."""
         return {**TEST_CREDENTIALS, "AWS_ENDPOINT_URL": self.endpoint_url}
 
+    @contextmanager
+    def as_environment(self) -> Iterator[None]:
+        """Point this process (and a local Ray started inside) at the server, then put the variables back."""
+        values = self.environment()
+        saved = {key: os.environ.get(key) for key in values}
+        os.environ.update(values)
+        try:
+            yield
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
     def filesystem(self):
         import s3fs
 

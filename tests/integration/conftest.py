@@ -8,7 +8,6 @@ through RAY_ADDRESS.
 
 from __future__ import annotations
 
-import os
 import uuid
 from pathlib import Path
 from typing import Callable
@@ -30,15 +29,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 @pytest.fixture(scope="session")
 def s3() -> LocalS3:
     server = start_local_s3()
-    saved = {k: os.environ.get(k) for k in server.environment()}
-    os.environ.update(server.environment())
-    yield server
+    with server.as_environment():
+        yield server
     stop_local_s3(server)
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
 
 
 @pytest.fixture(scope="session")
