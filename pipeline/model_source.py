@@ -65,16 +65,6 @@ def local_model_dir(model: ModelSource, files: Files = "all") -> str:
     return _fetch_hub(model, files)
 
 
-def check_model_source(model: ModelSource) -> None:
-    """Fail before any work when the checkpoint is plainly not there; hub ids are checked by the fetch itself."""
-    if model.kind == "local":
-        local_model_dir(model)
-    elif model.kind == "remote":
-        listing = _remote_listing(model)
-        if "config.json" not in listing:
-            raise ConfigError(f"model.source: {model.source} holds no config.json, so it is not a saved checkpoint")
-
-
 def _wanted(relative: str, files: Files) -> bool:
     return files == "all" or not relative.lower().endswith(_WEIGHT_SUFFIXES)
 
@@ -97,6 +87,8 @@ def _remote_listing(model: ModelSource) -> dict[str, dict[str, object]]:
         }
     if not listing:
         raise ConfigError(f"model.source: nothing found under {model.source}")
+    if "config.json" not in listing:
+        raise ConfigError(f"model.source: {model.source} holds no config.json, so it is not a saved checkpoint")
     return listing
 
 

@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 
 from pipeline.config import JobConfig, StorageConfig
 from pipeline.errors import ConfigError
-from pipeline.model_source import ModelSource, check_model_source, local_model_dir
+from pipeline.model_source import ModelSource, local_model_dir
 from pipeline.modeling import InputBuilder, load_processor
 from pipeline.prompts import TASK_ORDER, parse_vocabulary, prompts_for
 from pipeline.shards import Shard, expand_shards
@@ -58,8 +58,7 @@ def plan_job(job: JobConfig, *, run_id: str | None = None, read_only: bool = Fal
 
     shards = expand_shards(job.input.urls, input_storage)
     _check_output(job.output.url, output_storage, write_probe=not read_only)
-    check_model_source(model)
-    _check_prompts(job, model)
+    _check_prompts(job, model)  # also finds the checkpoint: a missing one is a ConfigError here
     vocabulary = _load_vocabulary(job, input_storage)
     return Plan(
         job=job,
