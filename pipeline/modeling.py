@@ -12,7 +12,7 @@ from __future__ import annotations
 import io
 import logging
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 from typing import Sequence
 
 import numpy as np
@@ -25,6 +25,7 @@ from pipeline.errors import ConfigError
 log = logging.getLogger(__name__)
 
 
+@cache
 def torchvision_available() -> bool:
     try:
         import torchvision  # noqa: F401
