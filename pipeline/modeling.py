@@ -128,8 +128,23 @@ class PromptInput:
     image: dict[str, np.ndarray]
 
 
+@dataclass
+class ImagePrompts:
+    """Every prompt asked of one image (caption, tags, each question), each with its own token limit."""
+
+    image: dict[str, np.ndarray]
+    token_ids: list[list[int]]
+    max_new_tokens: list[int]
+
+
 class Generator:
-    """A loaded model that generates text for padded batches of (prompt, image) sequences."""
+    """A loaded model that generates text for padded batches of (prompt, image) sequences.
+
+    `generate_for_images` is the model stage's entry point: every prompt of one image shares the text before
+    the instruction and the image tokens, so the vision tower and the prefill of that shared prefix run once
+    per image, and each task's prompt continues from a copy of the prefix's KV cache (see
+    `_generate_from_shared_prefixes`). Greedy outputs are the same as generating each prompt on its own.
+    """
 
     def __init__(self, model_dir: str, config: ModelConfig, generation: GenerationConfig, processor):
         from transformers import AutoModelForImageTextToText
@@ -153,31 +168,164 @@ class Generator:
             value = getattr(generation, name)
             if value is not None:
                 self.generate_kwargs[name] = value
-        log.info("loaded %s on %s as %s", model_dir, self.device, self.dtype)
+        self.image_token_id = getattr(self.model.config, "image_token_id", None)
+        # Beam search would need the shared cache expanded per beam, which generate does not do for a cache
+        # passed in; beams fall back to one full prompt per sequence.
+        self.shares_prefix = generation.num_beams == 1 and self.image_token_id is not None
+        # Page-locked host buffers let the host-to-device copy run asynchronously (non_blocking) on a GPU.
+        self.pin_memory = self.device.type == "cuda"
+        log.info(
+            "loaded %s on %s as %s (%s attention, %d CPU threads)",
+            model_dir,
+            self.device,
+            self.dtype,
+            getattr(self.model.config, "_attn_implementation", "default"),
+            torch.get_num_threads(),
+        )
+
+    # --- inputs --------------------------------------------------------------------------------------
+
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.pin_memory:
+            tensor = tensor.pin_memory()
+        return tensor.to(self.device, non_blocking=True)
+
+    def _image_inputs(self, images: Sequence[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
+        inputs: dict[str, torch.Tensor] = {}
+        for name, tensor in collate_images(images).items():
+            tensor = self._to_device(tensor)
+            inputs[name] = tensor.to(self.dtype) if tensor.is_floating_point() else tensor
+        return inputs
+
+    def _left_pad(self, sequences: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and attention mask, padded on the left as decoder-only generation needs."""
+        width = max(len(ids) for ids in sequences)
+        ids = np.full((len(sequences), width), self.tokenizer.pad_token_id, dtype=np.int64)
+        mask = np.zeros((len(sequences), width), dtype=np.int64)
+        for row, sequence in enumerate(sequences):
+            if len(sequence):
+                ids[row, width - len(sequence) :] = sequence
+                mask[row, width - len(sequence) :] = 1
+        return self._to_device(torch.from_numpy(ids)), self._to_device(torch.from_numpy(mask))
+
+    def _decode(self, new_tokens: torch.Tensor) -> list[str]:
+        return [text.strip() for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+    # --- one prompt per sequence ----------------------------------------------------------------------
 
     def generate(self, sequences: Sequence[PromptInput], max_new_tokens: int) -> list[str]:
-        padded = self.tokenizer.pad(
-            {"input_ids": [s.token_ids for s in sequences]},
-            padding=True,
-            padding_side="left",
-            return_tensors="pt",
-        )
-        inputs: dict[str, torch.Tensor] = {
-            "input_ids": padded["input_ids"].to(self.device),
-            "attention_mask": padded["attention_mask"].to(self.device),
-        }
-        for name, tensor in collate_images([s.image for s in sequences]).items():
-            tensor = tensor.to(self.device, non_blocking=True)
-            inputs[name] = tensor.to(self.dtype) if tensor.is_floating_point() else tensor
+        """Each sequence as a whole prompt with its own image: the vision tower runs once per sequence."""
+        input_ids, attention_mask = self._left_pad([s.token_ids for s in sequences])
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        inputs.update(self._image_inputs([s.image for s in sequences]))
         with torch.inference_mode():
             output = self.model.generate(**inputs, max_new_tokens=max_new_tokens, **self.generate_kwargs)
-        new_tokens = output[:, inputs["input_ids"].shape[1] :]
-        return [text.strip() for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+        return self._decode(output[:, input_ids.shape[1] :])
+
+    # --- every prompt of an image, the shared prefix computed once ---------------------------------------
+
+    def generate_for_images(self, requests: Sequence[ImagePrompts]) -> list[list[str]]:
+        """Answers for every prompt of every image, in the order of `requests` and their prompts."""
+        answers: list[list[str]] = [[""] * len(request.token_ids) for request in requests]
+        shared: list[tuple[int, int]] = []
+        alone: list[int] = []
+        for index, request in enumerate(requests):
+            prefix = self.shared_prefix_length(request)
+            if prefix:
+                shared.append((index, prefix))
+            else:
+                alone.append(index)
+        if shared:
+            self._generate_from_shared_prefixes(requests, shared, answers)
+        if alone:
+            for limit, members in _by_token_limit(requests, alone).items():
+                members.sort(key=lambda m: len(requests[m[0]].token_ids[m[1]]))
+                texts = self.generate(
+                    [PromptInput(requests[i].token_ids[s], requests[i].image) for i, s in members], limit
+                )
+                for (index, slot), text in zip(members, texts):
+                    answers[index][slot] = text
+        return answers
+
+    def shared_prefix_length(self, request: ImagePrompts) -> int:
+        """Tokens at the start of every prompt of this image, image tokens included; 0 when nothing is worth
+        sharing (a single prompt) or the image tokens are not all in the common part."""
+        if not self.shares_prefix or len(request.token_ids) < 2:
+            return 0
+        first = np.asarray(request.token_ids[0])
+        # generate needs at least one uncached token per prompt to produce the first logits from
+        length = min(len(ids) for ids in request.token_ids) - 1
+        for ids in request.token_ids[1:]:
+            differs = np.flatnonzero(first[:length] != np.asarray(ids[:length]))
+            if differs.size:
+                length = int(differs[0])
+        image_positions = np.flatnonzero(first == self.image_token_id)
+        if not image_positions.size or image_positions[-1] >= length:
+            return 0
+        for ids in request.token_ids:
+            if np.count_nonzero(np.asarray(ids) == self.image_token_id) != image_positions.size:
+                return 0
+        return length
+
+    def _generate_from_shared_prefixes(
+        self, requests: Sequence[ImagePrompts], shared: list[tuple[int, int]], answers: list[list[str]]
+    ) -> None:
+        """Prefill each image's shared prefix once, then generate every prompt from a copy of its cache.
+
+        The prefixes are left-padded into one batch. Each prompt's remaining tokens (its suffix) are
+        left-padded among the suffixes of its group and placed after its prefix, so a row reads
+        [pad, prefix, pad, suffix]: the masked gap is never attended to, and generate derives position
+        ids from the attention mask, so every token keeps the position it has in the whole prompt.
+        """
+        from transformers import DynamicCache
+
+        prefix_ids, prefix_mask = self._left_pad([requests[i].token_ids[0][:length] for i, length in shared])
+        position_ids = (prefix_mask.cumsum(-1) - 1).masked_fill(prefix_mask == 0, 0)
+        inputs = {"input_ids": prefix_ids, "attention_mask": prefix_mask, "position_ids": position_ids}
+        inputs.update(self._image_inputs([requests[i].image for i, _ in shared]))
+        with torch.inference_mode():
+            # logits_to_keep=1: the prefix's logits are never read, and over a whole vocabulary they are not cheap
+            prefix_cache = self.model(**inputs, use_cache=True, logits_to_keep=1).past_key_values
+        del inputs
+
+        position_of = {index: position for position, (index, _) in enumerate(shared)}
+        prefix_length = dict(shared)
+        for limit, members in _by_token_limit(requests, [i for i, _ in shared]).items():
+            suffixes = [requests[i].token_ids[s][prefix_length[i] :] for i, s in members]
+            order = np.argsort([len(suffix) for suffix in suffixes], kind="stable")  # little padding per batch
+            members = [members[k] for k in order]
+            suffix_ids, suffix_mask = self._left_pad([suffixes[k] for k in order])
+            rows = torch.tensor([position_of[i] for i, _ in members], device=self.device)
+            input_ids = torch.cat([prefix_ids[rows], suffix_ids], dim=1)
+            attention_mask = torch.cat([prefix_mask[rows], suffix_mask], dim=1)
+            with torch.inference_mode():
+                cache = DynamicCache(
+                    [(layer.keys[rows], layer.values[rows]) for layer in prefix_cache.layers],
+                    config=self.model.config,
+                )
+                output = self.model.generate(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    past_key_values=cache,
+                    max_new_tokens=limit,
+                    **self.generate_kwargs,
+                )
+            for (index, slot), text in zip(members, self._decode(output[:, input_ids.shape[1] :])):
+                answers[index][slot] = text
 
     def release_memory(self) -> None:
         """Give cached GPU blocks back after a failed batch, so its retry in halves has room."""
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _by_token_limit(requests: Sequence[ImagePrompts], indices: Sequence[int]) -> dict[int, list[tuple[int, int]]]:
+    """(request, prompt) pairs grouped by their max_new_tokens: each group is one generate call."""
+    groups: dict[int, list[tuple[int, int]]] = {}
+    for index in indices:
+        for slot, limit in enumerate(requests[index].max_new_tokens):
+            groups.setdefault(limit, []).append((index, slot))
+    return groups
 
 
 def collate_images(images: Sequence[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:

@@ -14,7 +14,7 @@ from pipeline import rows
 from pipeline.config import GenerationConfig, ModelConfig, StorageConfig, TasksConfig
 from pipeline.images import decode_image
 from pipeline.model_source import ModelSource
-from pipeline.modeling import InputBuilder, PromptInput, load_processor, unpack_arrays
+from pipeline.modeling import ImagePrompts, InputBuilder, load_processor, unpack_arrays
 from pipeline.stages.generate import GenerateSpec, GenerateStage
 from pipeline.stages.prepare import PrepareSpec, PrepareStage
 from pipeline.testing import images as tricky
@@ -326,34 +326,33 @@ def test_generate_is_independent_of_batch_composition(prepare: PrepareStage, gen
 
 
 class EchoGenerator:
-    """Stands in for Generator.generate: answers each prompt with text that names that prompt."""
+    """Stands in for Generator.generate_for_images: answers each prompt with text that names that prompt."""
 
     def __init__(self, stage: GenerateStage, poison: list[int] | None = None):
         self.tokenizer = stage.generator.tokenizer
         self.poison = poison
-        self.calls: list[list[list[int]]] = []
+        self.calls: list[list[list[list[int]]]] = []  # per call, per image, that image's prompts
 
-    def __call__(self, sequences: Sequence[PromptInput], max_new_tokens: int) -> list[str]:
-        self.calls.append([list(s.token_ids) for s in sequences])
-        if self.poison is not None and any(list(s.token_ids) == self.poison for s in sequences):
+    def __call__(self, requests: Sequence[ImagePrompts]) -> list[list[str]]:
+        self.calls.append([[list(ids) for ids in r.token_ids] for r in requests])
+        if self.poison is not None and any(self.poison in call for call in self.calls[-1]):
             raise RuntimeError("poisoned batch")
-        answers = []
-        for s in sequences:
-            text = self.tokenizer.decode(s.token_ids, skip_special_tokens=True)
-            if CAPTION_PROMPT in text:
-                answers.append(f"caption {max_new_tokens}")
-            elif TAGS_PROMPT in text:
-                answers.append("Red, Square; red, 3. Blue")
-            else:
-                answers.append(f"answer to: {text}")
-        return answers
+        return [[self._answer(ids, limit) for ids, limit in zip(r.token_ids, r.max_new_tokens)] for r in requests]
+
+    def _answer(self, token_ids: list[int], max_new_tokens: int) -> str:
+        text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        if CAPTION_PROMPT in text:
+            return f"caption {max_new_tokens}"
+        if TAGS_PROMPT in text:
+            return "Red, Square; red, 3. Blue"
+        return f"answer to: {text}"
 
 
 def test_each_vqa_answer_is_paired_with_its_own_question(
     prepare: PrepareStage, generate: GenerateStage, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     echo = EchoGenerator(generate)
-    monkeypatch.setattr(generate.generator, "generate", echo)
+    monkeypatch.setattr(generate.generator, "generate_for_images", echo)
     result = generate(prepared_batch(prepare)).to_pylist()
     for row in (result[0], result[1], result[4]):
         assert row["caption"] == "caption 4"  # the caption task's own max_new_tokens
@@ -362,16 +361,16 @@ def test_each_vqa_answer_is_paired_with_its_own_question(
         for pair in row["vqa"]:
             assert pair["answer"].startswith("answer to: ")
             assert pair["answer"].endswith(f"{pair['question']} ASSISTANT:")
-    # Prompts are grouped by task and sorted by length across rows, so this checks the mapping back, not luck.
-    vqa_calls = [call for call in echo.calls if any(len(ids) != len(call[0]) for ids in call)]
-    assert vqa_calls, "expected at least one batch mixing prompt lengths"
+    # Images are sorted by prompt length across rows, so this checks the mapping back, not luck.
+    mixed = [call for call in echo.calls if len({len(ids) for image in call for ids in image}) > 1]
+    assert mixed, "expected at least one batch mixing prompt lengths"
 
 
 def test_vocabulary_limits_tags(
     prepare: PrepareStage, source: ModelSource, model_config: ModelConfig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     stage = generate_stage(source, model_config, vocabulary=frozenset({"square", "blue"}))
-    monkeypatch.setattr(stage.generator, "generate", EchoGenerator(stage))
+    monkeypatch.setattr(stage.generator, "generate_for_images", EchoGenerator(stage))
     [row] = stage(prepare(read_table(sample_row(0, red())))).to_pylist()
     assert row["tags"] == ["square", "blue"]
 
@@ -395,7 +394,7 @@ def test_a_failing_sample_is_isolated_and_its_neighbours_keep_their_answers(
     assert sum(ids == poison for row in prepared.to_pylist() for ids in row[rows.PROMPT_IDS] or []) == 1
     echo = EchoGenerator(stage, poison=poison)
     released: list[int] = []
-    monkeypatch.setattr(stage.generator, "generate", echo)
+    monkeypatch.setattr(stage.generator, "generate_for_images", echo)
     monkeypatch.setattr(stage.generator, "release_memory", lambda: released.append(1))
 
     result = stage(prepared).to_pylist()
@@ -410,8 +409,8 @@ def test_a_failing_sample_is_isolated_and_its_neighbours_keep_their_answers(
         assert row["tags"] == ["red", "square", "blue"]
         assert [p["question"] for p in row["vqa"]] == [JOB_QUESTION] + ([own] if own else [])
         assert all(p["answer"].endswith(f"{p['question']} ASSISTANT:") for p in row["vqa"])
-    # The poisoned prompt first met the others in one batch, then was split off by halving.
-    poisoned_calls = [call for call in echo.calls if poison in call]
+    # The poisoned image first met the others in one batch, then was split off by halving.
+    poisoned_calls = [call for call in echo.calls if any(poison in image for image in call)]
     assert max(len(call) for call in poisoned_calls) > 1
     assert [len(call) for call in poisoned_calls][-1] == 1
     assert released, "a failed batch should release memory before retrying its halves"
@@ -423,10 +422,10 @@ def test_generation_failure_on_a_row_with_bad_metadata_keeps_both_messages(
 ) -> None:
     stage = generate_stage(source, model_config)
 
-    def always_fail(sequences: Sequence[PromptInput], max_new_tokens: int) -> list[str]:
+    def always_fail(requests: Sequence[ImagePrompts]) -> list[list[str]]:
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(stage.generator, "generate", always_fail)
+    monkeypatch.setattr(stage.generator, "generate_for_images", always_fail)
     [row] = stage(prepare(read_table(sample_row(0, red(), metadata="{not json")))).to_pylist()
     assert row["error"].startswith("metadata is not valid JSON")
     assert row["error"].endswith("; generation failed: RuntimeError: boom")
