@@ -1,12 +1,15 @@
 """The README's first command: the demo job end to end on this machine, nothing downloaded.
 
 It starts an S3-compatible server on 127.0.0.1, uploads generated shards (with a few broken
-images, to show error rows) and a tiny LLaVA checkpoint built from configs, runs jobs/demo.yaml
-from s3:// to s3://, and prints the summary and some output rows read back from the bucket.
+images, to show error rows) and the bundled tiny LLaVA trained on such shapes
+(models/tiny-llava-shapes, see pipeline.testing.train_shapes), runs jobs/demo.yaml from s3:// to
+s3://, and prints the summary, some output rows read back from the bucket, and how many rows match
+the ground truth their own samples carry.
 """
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 from pathlib import Path
@@ -15,14 +18,15 @@ import pyarrow.dataset as ds
 
 from pipeline.config import load_job
 from pipeline.errors import PipelineError
+from pipeline.evaluate import row_checks
 from pipeline.runner import run_job
 from pipeline.testing import images as tricky
 from pipeline.testing.s3_server import local_s3
-from pipeline.testing.shards import synthetic_samples, write_shard
-from pipeline.testing.tiny_llava import build_tiny_llava
+from pipeline.testing.shards import shape_presence_questions, synthetic_samples, write_shard
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_JOB = REPO / "jobs" / "demo.yaml"
+DEMO_MODEL = REPO / "models" / "tiny-llava-shapes"
 BUCKET = "demo"
 WORKDIR = REPO / ".cache" / "demo"
 
@@ -38,7 +42,7 @@ def _demo_shards(directory: Path, shards: int, samples_per_shard: int) -> list[P
             key_prefix=f"img{index:03d}",
             extensions=("jpg", "png", "webp"),
             sizes=((64, 64), (96, 64), (48, 80)),
-            questions=["Is there a circle?"] if index % 2 == 0 else None,
+            questions=shape_presence_questions if index % 2 == 0 else None,
         )
         if index == 0:
             for name in ("cmyk_jpeg", "png_rgba", "truncated_jpeg", "text_as_jpg"):
@@ -55,9 +59,10 @@ def run_demo(
 ) -> int:
     if not job_path.is_file():
         raise PipelineError(f"the demo job {job_path} is missing; run the demo from a checkout of the repository")
+    if not (DEMO_MODEL / "model.safetensors").is_file():
+        raise PipelineError(f"the demo model {DEMO_MODEL} is missing; run the demo from a checkout of the repository")
     if workdir.exists():
         shutil.rmtree(workdir)
-    model_dir = build_tiny_llava(workdir / "tiny-llava")
     shard_paths = _demo_shards(workdir / "shards", shards, samples_per_shard)
 
     with local_s3() as s3, s3.as_environment():
@@ -66,8 +71,8 @@ def run_demo(
         fs.mkdir(BUCKET)
         for path in shard_paths:
             fs.put_file(str(path), f"{BUCKET}/shards/{path.name}")
-        fs.put(str(model_dir), f"{BUCKET}/models/tiny-llava", recursive=True)
-        print(f"uploaded {len(shard_paths)} shards and a tiny LLaVA checkpoint")
+        fs.put(str(DEMO_MODEL), f"{BUCKET}/models/tiny-llava-shapes", recursive=True)
+        print(f"uploaded {len(shard_paths)} shards and the tiny LLaVA trained on shapes ({DEMO_MODEL.name})")
 
         job = load_job(
             job_path,
@@ -76,18 +81,19 @@ def run_demo(
         job = job.model_copy(update={"model": job.model.model_copy(update={"cache_dir": str(workdir / "model-cache")})})
         result = run_job(job)
         if result.exit_code == 0:
-            _show_rows(fs, job.output.url)
+            questions = list(job.tasks.vqa.questions) if job.tasks.vqa else []
+            _show_rows(fs, job.output.url, questions)
     return result.exit_code
 
 
-def _show_rows(fs, output_url: str, limit: int = 6) -> None:
+def _show_rows(fs, output_url: str, job_questions: list[str], limit: int = 6) -> None:
     table = ds.dataset(output_url.removeprefix("s3://"), filesystem=fs, format="parquet").to_table(
-        columns=["key", "image_format", "caption", "tags", "vqa", "error_reason"]
+        columns=["key", "image_format", "caption", "tags", "vqa", "metadata", "error", "error_reason"]
     )
     print(f"\n{table.num_rows} rows in {output_url}; a few of them:")
     failures = table.filter(ds.field("error_reason").is_valid()).to_pylist()[:2]
-    successes = table.filter(ds.field("error_reason").is_null()).to_pylist()[: limit - len(failures)]
-    for row in successes + failures:
+    succeeded = table.filter(ds.field("error_reason").is_null()).to_pylist()
+    for row in succeeded[: limit - len(failures)] + failures:
         print(f"  {row['key']} ({row['image_format']}):")
         if row["error_reason"]:
             print(f"      error_reason: {row['error_reason']}")
@@ -96,7 +102,14 @@ def _show_rows(fs, output_url: str, limit: int = 6) -> None:
         print(f"      tags:    {row['tags']}")
         for qa in row["vqa"] or []:
             print(f"      Q: {qa['question']}  A: {qa['answer']!r}")
+        if row["metadata"]:
+            print(f"      truth:   {json.loads(row['metadata'])['caption']!r}")
+    # Generated samples carry their ground truth; the tricky images added to show error rows do not.
+    judged = [row for row in succeeded if row["metadata"]]
+    right = sum(all(correct for _, correct, _ in row_checks(row, job_questions)) for row in judged)
     print(
-        "\nThe bundled checkpoint has random weights, so its words are noise: the demo shows the plumbing. "
-        "Point --model at a real checkpoint (e.g. llava-hf/llava-1.5-7b-hf) for real captions."
+        f"\n{right} of {len(judged)} generated images got a caption, tags and answers that all match their own "
+        "ground truth. The bundled model is a tiny LLaVA trained only on these shapes (see "
+        "pipeline/testing/train_shapes.py); point --model at a real checkpoint (e.g. llava-hf/llava-1.5-7b-hf) "
+        "for real photos."
     )

@@ -12,8 +12,9 @@ import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterable
+from typing import BinaryIO, Callable, Iterable, Union
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -28,6 +29,18 @@ COLORS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES = ("circle", "square", "triangle", "star")
 FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
+
+# The questions the shapes model (pipeline.testing.train_shapes) was trained to answer.
+SHAPE_QUESTION = "What shape is in the image?"
+COLOR_QUESTION = "What colour is the shape?"
+BACKGROUND_QUESTION = "What colour is the background?"
+
+
+def presence_question(shape: str) -> str:
+    return f"Is there a {shape}?"
+
+
+PRESENCE_QUESTIONS = {presence_question(shape): shape for shape in SHAPES}
 
 
 @dataclass(frozen=True)
@@ -44,16 +57,40 @@ class Scene:
     def tags(self) -> list[str]:
         return [self.color, self.shape, f"{self.background} background"]
 
+    @property
+    def tags_text(self) -> str:
+        return ", ".join(self.tags)
+
+    def answer(self, question: str) -> str | None:
+        """The true answer to one of the trained questions; None for any other question."""
+        if question == SHAPE_QUESTION:
+            return self.shape
+        if question == COLOR_QUESTION:
+            return self.color
+        if question == BACKGROUND_QUESTION:
+            return self.background
+        if question in PRESENCE_QUESTIONS:
+            return "yes" if PRESENCE_QUESTIONS[question] == self.shape else "no"
+        return None
+
+    @classmethod
+    def from_truth(cls, truth: dict[str, object]) -> "Scene":
+        return cls(shape=str(truth["shape"]), color=str(truth["color"]), background=str(truth["background"]))
+
 
 def random_scene(rng: random.Random) -> Scene:
     color, background = rng.sample(sorted(COLORS), 2)
     return Scene(shape=rng.choice(SHAPES), color=color, background=background)
 
 
-def draw_scene(scene: Scene, rng: random.Random, width: int = 64, height: int = 64) -> Image.Image:
+def draw_scene(scene: Scene, rng: random.Random, width: int = 64, height: int = 64, noise: float = 0.0) -> Image.Image:
+    """The scene's shape at a random position and size (40-85% of the short side), plus Gaussian
+    pixel noise of standard deviation `noise` (seeded from `rng`)."""
     image = Image.new("RGB", (width, height), COLORS[scene.background])
     draw = ImageDraw.Draw(image)
-    side = rng.randint(max(8, min(width, height) // 3), max(9, int(min(width, height) * 0.8)))
+    short = min(width, height)
+    # Shapes stay large enough that a star and a circle differ after the model's 48 px resize.
+    side = rng.randint(max(8, int(short * 0.4)), max(9, int(short * 0.85)))
     x0 = rng.randint(0, width - side)
     y0 = rng.randint(0, height - side)
     box = (x0, y0, x0 + side, y0 + side)
@@ -66,7 +103,14 @@ def draw_scene(scene: Scene, rng: random.Random, width: int = 64, height: int = 
         draw.polygon([(x0 + side / 2, y0), (x0, y0 + side), (x0 + side, y0 + side)], fill=fill)
     else:
         _star(draw, x0 + side / 2, y0 + side / 2, side / 2, fill)
-    return image
+    return add_noise(image, noise, rng) if noise > 0 else image
+
+
+def add_noise(image: Image.Image, noise: float, rng: random.Random) -> Image.Image:
+    """Gaussian pixel noise of standard deviation `noise`, seeded from `rng`."""
+    pixels = np.asarray(image, dtype=np.float32)
+    pixels += np.random.default_rng(rng.getrandbits(32)).normal(0.0, noise, pixels.shape)
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
 def _star(draw: ImageDraw.ImageDraw, cx: float, cy: float, radius: float, fill: tuple[int, int, int]) -> None:
@@ -85,6 +129,18 @@ def encode(image: Image.Image, extension: str, quality: int = 90) -> bytes:
     return buffer.getvalue()
 
 
+QuestionSource = Union[list[str], Callable[[Scene, random.Random], list[str]]]
+
+
+def shape_presence_questions(scene: Scene, rng: random.Random) -> list[str]:
+    """Per-sample questions that differ between samples: one "Is there a <shape>?" whose answer is
+    yes and one whose answer is no, in random order."""
+    other = rng.choice([shape for shape in SHAPES if shape != scene.shape])
+    questions = [presence_question(scene.shape), presence_question(other)]
+    rng.shuffle(questions)
+    return questions
+
+
 def synthetic_samples(
     count: int,
     *,
@@ -92,9 +148,16 @@ def synthetic_samples(
     key_prefix: str = "sample",
     extensions: Iterable[str] = ("jpg",),
     sizes: Iterable[tuple[int, int]] = ((64, 64),),
-    questions: list[str] | None = None,
+    questions: QuestionSource | None = None,
+    noise: float = 4.0,
+    quality: tuple[int, int] = (70, 95),
 ) -> list[dict[str, object]]:
-    """WebDataset sample dicts (`__key__`, image member, `json`) with ground truth in the JSON."""
+    """WebDataset sample dicts (`__key__`, image member, `json`) with ground truth in the JSON.
+
+    `questions` go into each sample's JSON under "questions": the same list for every sample, or a
+    function of the sample's scene (e.g. `shape_presence_questions`). JPEG and WebP quality is drawn
+    from the `quality` range per sample.
+    """
     rng = random.Random(seed)
     extensions = list(extensions)
     sizes = list(sizes)
@@ -103,13 +166,19 @@ def synthetic_samples(
         scene = random_scene(rng)
         width, height = sizes[i % len(sizes)]
         extension = extensions[i % len(extensions)]
-        truth = {"shape": scene.shape, "color": scene.color, "background": scene.background, "caption": scene.caption}
+        truth: dict[str, object] = {
+            "shape": scene.shape,
+            "color": scene.color,
+            "background": scene.background,
+            "caption": scene.caption,
+        }
         if questions is not None:
-            truth["questions"] = questions
+            truth["questions"] = questions(scene, rng) if callable(questions) else list(questions)
+        image = draw_scene(scene, rng, width, height, noise=noise)
         samples.append(
             {
                 "__key__": f"{key_prefix}-{i:06d}",
-                extension: encode(draw_scene(scene, rng, width, height), extension),
+                extension: encode(image, extension, quality=rng.randint(*quality)),
                 "json": json.dumps(truth).encode(),
             }
         )

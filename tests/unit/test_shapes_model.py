@@ -1,0 +1,49 @@
+"""The bundled shapes model loads like any checkpoint and sees the whole image; its training targets
+are built the way the pipeline builds prompts."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from PIL import Image
+
+from pipeline.config import ModelConfig
+from pipeline.modeling import InputBuilder, load_processor
+from pipeline.testing.shards import COLORS, SHAPES, Scene
+from pipeline.testing.train_shapes import CAPTION_PROMPT, TAGS_PROMPT, targets
+
+SHAPES_MODEL = Path(__file__).resolve().parents[2] / "models" / "tiny-llava-shapes"
+
+
+def test_bundled_model_is_small_and_loads_through_the_pipelines_processor_path():
+    weights = SHAPES_MODEL / "model.safetensors"
+    assert weights.stat().st_size < 20 * 1024 * 1024
+    config = json.loads((SHAPES_MODEL / "config.json").read_text())
+    assert config["architectures"] == ["LlavaForConditionalGeneration"]
+    processor = load_processor(str(SHAPES_MODEL), ModelConfig(source=str(SHAPES_MODEL)))
+    builder = InputBuilder(processor)
+    # A wide image is squashed whole to the tower's square, not centre-cropped: no part of it is lost.
+    arrays, replacement = builder.image_arrays(Image.new("RGB", (96, 48), "red"))
+    side = config["vision_config"]["image_size"]
+    assert arrays["pixel_values"].shape == (3, side, side)
+    assert replacement.count(processor.image_token) == (side // config["vision_config"]["patch_size"]) ** 2
+    assert builder.render(CAPTION_PROMPT) == f"USER: <image>\n{CAPTION_PROMPT} ASSISTANT:"
+
+
+def test_colour_and_shape_words_are_single_tokens():
+    processor = load_processor(str(SHAPES_MODEL), ModelConfig(source=str(SHAPES_MODEL)))
+    for word in [*COLORS, *SHAPES, "background", "yes", "no"]:
+        assert len(processor.tokenizer(" " + word, add_special_tokens=False)["input_ids"]) == 1, word
+
+
+def test_training_targets_use_the_pipelines_prompts_and_balance_presence_questions():
+    scene = Scene("star", "orange", "black")
+    rng = random.Random(0)
+    answers = [dict(targets(scene, rng)) for _ in range(400)]
+    assert all(a[CAPTION_PROMPT] == "a orange star on a black background" for a in answers)
+    assert all(a[TAGS_PROMPT] == "orange, star, black background" for a in answers)
+    assert all(a["What shape is in the image?"] == "star" for a in answers)
+    presence = [v for a in answers for q, v in a.items() if q.startswith("Is there a")]
+    assert 150 < presence.count("yes") < 250 and presence.count("yes") + presence.count("no") == 400
