@@ -11,8 +11,10 @@ from pipeline import __version__
 from pipeline.errors import ConfigError, PipelineError
 
 EPILOG = """\
-exit codes: 0 the run completed (failed samples are rows with `error` set; see the summary),
-            1 the run failed, 2 the job spec or its inputs are invalid (nothing was started),
+exit codes: 0 the run completed within its failure limits (failed samples are rows with `error`
+              set; see the summary), or there was nothing left to do,
+            1 the run failed, or breached failures.max_failed_shards / max_failed_sample_fraction,
+            2 the job spec or its inputs are invalid (nothing was started),
             130 interrupted.
 """
 
@@ -55,6 +57,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_overrides(run)
     run.add_argument("--no-progress-bars", action="store_true", help="hide Ray Data's progress bars")
+    run.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="process every shard again, replacing committed files (output.mode: overwrite); by default shards "
+        "with a completion marker are skipped, so a rerun resumes and a nightly run takes only new shards",
+    )
+
+    retry = commands.add_parser(
+        "retry-failed",
+        help="run again only the samples committed as error rows, replacing their rows in place",
+        description="Find the committed rows with an error (optionally only some reasons), read just those "
+        "samples again from their shards, run them through the job's model and settings (change them in the "
+        "job or with --model), and replace those rows in each shard's Parquet file. Every other row is kept "
+        "as it was; each sample still appears exactly once.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_overrides(retry)
+    retry.add_argument(
+        "--reason",
+        metavar="REASON",
+        nargs="+",
+        action="extend",
+        help="retry only rows with these error_reason codes (see `llava-pipeline schema`); default: every error row",
+    )
+    retry.add_argument("--no-progress-bars", action="store_true", help="hide Ray Data's progress bars")
 
     validate = commands.add_parser(
         "validate",
@@ -79,6 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     schema = commands.add_parser("schema", help="print the output schema, column by column")
     schema.add_argument("--json", action="store_true", help="print the schema file itself")
+
+    from pipeline.bench import add_bench_command
+
+    add_bench_command(commands)
+
+    from pipeline.evaluate import add_eval_command
+
+    add_eval_command(commands)
     return parser
 
 
@@ -92,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return _run(args)
+        if args.command == "retry-failed":
+            return _retry_failed(args)
         if args.command == "validate":
             return _validate(args)
         if args.command == "demo":
@@ -102,6 +140,14 @@ def main(argv: list[str] | None = None) -> int:
             )
         if args.command == "schema":
             return _schema(args)
+        if args.command == "bench":
+            from pipeline.bench import run_bench_command
+
+            return run_bench_command(args)
+        if args.command == "eval":
+            from pipeline.evaluate import run_eval_command
+
+            return run_eval_command(args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -126,7 +172,22 @@ def _run(args: argparse.Namespace) -> int:
     job = _load(args)
     if args.no_progress_bars:
         job = job.model_copy(update={"ray": job.ray.model_copy(update={"progress_bars": False})})
+    if args.overwrite:
+        job = job.model_copy(update={"output": job.output.model_copy(update={"mode": "overwrite"})})
     return run_job(job).exit_code
+
+
+def _retry_failed(args: argparse.Namespace) -> int:
+    from pipeline.rows import REASONS
+    from pipeline.runner import retry_failed
+
+    unknown = sorted(set(args.reason or ()) - set(REASONS))
+    if unknown:
+        raise ConfigError(f"--reason: unknown error_reason {', '.join(unknown)} (known: {', '.join(REASONS)})")
+    job = _load(args)
+    if args.no_progress_bars:
+        job = job.model_copy(update={"ray": job.ray.model_copy(update={"progress_bars": False})})
+    return retry_failed(job, reasons=frozenset(args.reason) if args.reason else None).exit_code
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -137,9 +198,12 @@ def _validate(args: argparse.Namespace) -> int:
     from pipeline.plan import plan_job
 
     plan = plan_job(job, read_only=True)
-    first, last = plan.shards[0].url, plan.shards[-1].url
     print(f"ok: {args.job}")
-    print(f"  shards  {len(plan.shards)}: {first}" + (f" .. {last}" if len(plan.shards) > 1 else ""))
+    if plan.shards:
+        first, last = plan.shards[0].url, plan.shards[-1].url
+        print(f"  shards  {len(plan.shards)} to run: {first}" + (f" .. {last}" if len(plan.shards) > 1 else ""))
+    if plan.skipped:
+        print(f"  done    {len(plan.skipped)} shard(s) already committed (skipped unless --overwrite)")
     print(f"  output  {job.output.url}")
     print(f"  model   {job.model.source}")
     print(f"  tasks   {', '.join(plan.tasks)}")

@@ -142,6 +142,12 @@ class OutputConfig(StrictModel):
         "written under it, named after the shard; the run summary goes to `_runs/<run_id>.json`.",
     )
     compression: Literal["zstd", "snappy", "gzip", "none"] = Field("zstd", description="Parquet compression codec.")
+    mode: Literal["resume", "overwrite"] = Field(
+        "resume",
+        description="`resume`: shards with a completion marker (`_done/<name>.json`) are skipped, so a rerun "
+        "finishes what a killed run left and a nightly run over a growing prefix processes only new shards. "
+        "`overwrite`: every shard is processed again and its file and marker replaced.",
+    )
     storage: StorageConfig | None = Field(None, description="Overrides the top-level `storage` for outputs.")
 
     @field_validator("url")
@@ -319,12 +325,29 @@ class ModelStageConfig(StrictModel):
         1, description="Model actors: a fixed count, or `[min, max]` for an autoscaling pool."
     )
     num_gpus: float = Field(1.0, ge=0, description="GPUs per model actor; 0 runs the model on CPU.")
-    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per model actor.")
+    num_cpus: float = Field(
+        1.0,
+        ge=0,
+        description="CPUs reserved per model actor. On CPU it is also torch's thread count: Ray sets a worker's "
+        "`OMP_NUM_THREADS` to the CPUs it reserved (at least 1), unless the environment sets it.",
+    )
     batch_size: int = Field(8, ge=1, description="Images per generate call (each image asks every task).")
     max_tasks_in_flight_per_actor: int | None = Field(
         None,
         ge=1,
         description="Batches queued per actor so the next one is ready when the model is. Unset: Ray's default.",
+    )
+    batch_timeout_s: float | None = Field(
+        900.0,
+        gt=0,
+        description="A model call running longer than this is taken as hung: the actor is killed and Ray retries "
+        "the batch on a fresh one. Unset: no limit.",
+    )
+    max_batch_retries: int = Field(
+        3,
+        ge=0,
+        description="Times a batch is retried after its model actor died (killed, preempted, timed out) before "
+        "the run fails.",
     )
 
 
@@ -336,6 +359,41 @@ class StagesConfig(StrictModel):
         default_factory=PrepareStageConfig, description="Decoding images and building model inputs (CPU actors)."
     )
     model: ModelStageConfig = Field(default_factory=ModelStageConfig, description="Generation (GPU actors).")
+
+
+class FailuresConfig(StrictModel):
+    """When a run that completed still counts as failed (exit code 1). Failures below these limits are
+    reported in the summary and the output rows, and the run exits 0."""
+
+    max_failed_shards: int | None = Field(
+        0,
+        ge=0,
+        description="Most shards that may fail to read (missing, not a tar, unreadable) or end early "
+        "(truncated). Unset: no limit.",
+    )
+    max_failed_sample_fraction: float | None = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="Largest fraction of samples that may end as error rows. Unset: no limit.",
+    )
+
+
+class RetryConfig(StrictModel):
+    """Retries at the object-store boundary (reading shards, writing and committing outputs). Only transient
+    errors are retried: throttling (503 SlowDown), 500/502/504, dropped connections and timeouts. Denied
+    access, missing objects and bad credentials fail at once."""
+
+    attempts: int = Field(6, ge=1, description="Tries per operation, the first included.")
+    initial_backoff_s: float = Field(0.5, gt=0, description="Wait before the first retry; doubles each time.")
+    max_backoff_s: float = Field(20.0, gt=0, description="Longest wait between tries (full jitter below it).")
+    stream_restarts: int = Field(
+        3,
+        ge=0,
+        description="Times a run restarts its stream over the shards not yet committed after Ray lost part of the "
+        "cluster under it (a node died, an actor or the objects it held were lost). Committed shards are kept; "
+        "rows delivered again are dropped.",
+    )
 
 
 class RayConfig(StrictModel):
@@ -364,6 +422,10 @@ class JobConfig(StrictModel):
     decode: DecodeConfig = Field(default_factory=DecodeConfig, description="Image decoding.")
     stages: StagesConfig = Field(default_factory=StagesConfig, description="Per-stage Ray resources.")
     ray: RayConfig = Field(default_factory=RayConfig, description="Which Ray cluster runs the job.")
+    failures: FailuresConfig = Field(
+        default_factory=FailuresConfig, description="Failure limits that decide the exit code."
+    )
+    retries: RetryConfig = Field(default_factory=RetryConfig, description="Object-store retries.")
     storage: StorageConfig = Field(
         default_factory=StorageConfig,
         description="Object-store settings used for every URL unless a section overrides them.",

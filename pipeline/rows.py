@@ -60,6 +60,10 @@ REASONS: dict[str, tuple[str, str]] = {
     ),
     "preprocess_failed": ("prepare", "The model's processor rejected the image or prompt."),
     "generation_failed": ("model", "The model raised while generating for this sample, even alone in its batch."),
+    "out_of_memory": (
+        "model",
+        "The model ran out of memory for this sample even alone in its batch (CUDA OOM or host MemoryError).",
+    ),
 }
 
 READ_SCHEMA = pa.schema(

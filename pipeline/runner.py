@@ -7,10 +7,12 @@ keeps the run's counters and writes the summary.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -20,16 +22,18 @@ import ray
 import ray.data
 from ray.data import ActorPoolStrategy
 
+from pipeline import faults, rows
 from pipeline.config import JobConfig
 from pipeline.errors import PipelineError
-from pipeline.plan import Plan, check_cluster_fits, plan_job
+from pipeline.plan import Plan, check_cluster_fits, plan_job, plan_retry_failed
+from pipeline.retry import RetryPolicy, with_retries
 from pipeline.schema import load_schema
 from pipeline.stages.generate import GenerateSpec, GenerateStage
 from pipeline.stages.prepare import PrepareSpec, PrepareStage
 from pipeline.stages.read import ReadSpec, WebDatasetShards
 from pipeline.storage import describe_storage_error, filesystem, join
 from pipeline.summary import RunStats, build_summary, render_summary, summary_json
-from pipeline.writer import RUNS_DIR, ShardCommitter
+from pipeline.writer import RUNS_DIR, Patch, ShardCommitter, ShardResult
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +51,13 @@ def connect_ray(job: JobConfig) -> bool:
     """Join the configured cluster or start a local one; True when this call started Ray."""
     if ray.is_initialized():
         return False
-    runtime_env = {"env_vars": {"TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}}
+    runtime_env = {
+        "env_vars": {
+            "TRANSFORMERS_VERBOSITY": "error",
+            "TOKENIZERS_PARALLELISM": "false",
+            **faults.forwarded_environment(),
+        }
+    }
     address = job.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
         log.info("joining Ray cluster at %s", address)
@@ -76,13 +86,20 @@ def _actor_pool(concurrency: int | tuple[int, int], max_tasks_in_flight: int | N
 
 def _map_stage(dataset, stage_class, spec, **resources):
     """Add a stage: its class and typed spec, Arrow batches in and out, one row out per row in."""
-    return dataset.map_batches(
-        stage_class,
-        fn_constructor_kwargs={"spec": spec},
-        batch_format="pyarrow",
-        udf_modifying_row_count=False,
-        **resources,
-    )
+    drill = faults.forwarded_environment()
+    if drill:  # per stage, so a fault drill reaches workers of a cluster this driver only joined
+        resources["runtime_env"] = {"env_vars": drill}
+    with warnings.catch_warnings():
+        # Ray 2.60 has named parameters for resources but none yet for actor restarts and task retries,
+        # which still travel as ray_remote_args (and warn that this will change in 2.64).
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        return dataset.map_batches(
+            stage_class,
+            fn_constructor_kwargs={"spec": spec},
+            batch_format="pyarrow",
+            udf_modifying_row_count=False,
+            **resources,
+        )
 
 
 def build_dataset(plan: Plan):
@@ -99,6 +116,8 @@ def build_dataset(plan: Plan):
                 image_extensions=tuple(job.input.image_extensions),
                 metadata_extension=job.input.metadata_extension,
                 rows_per_block=stages.read.rows_per_block,
+                retry_policy=plan.retry_policy,
+                selection=plan.selection,
             )
         ),
         override_num_blocks=len(plan.shards),
@@ -128,11 +147,16 @@ def build_dataset(plan: Plan):
             tasks=job.tasks,
             vocabulary=plan.vocabulary,
             batch_size=stages.model.batch_size,
+            batch_timeout_s=stages.model.batch_timeout_s,
         ),
         batch_size=stages.model.batch_size,
         compute=_actor_pool(stages.model.concurrency, stages.model.max_tasks_in_flight_per_actor),
         num_cpus=stages.model.num_cpus,
         num_gpus=stages.model.num_gpus or None,
+        # A dead model actor (killed, preempted, timed out) is restarted and its batch retried, a bounded
+        # number of times: a batch that kills every actor it touches must end the run, not loop forever.
+        max_restarts=-1,
+        max_task_retries=stages.model.max_batch_retries,
     )
     return dataset
 
@@ -150,13 +174,38 @@ def ray_cluster(job: JobConfig) -> Iterator[None]:
 
 
 def _stream(plan: Plan, committer: ShardCommitter, stats: RunStats, echo) -> tuple[str, str | None, int]:
-    """Drive the dataset to the end, committing shards as they complete; (status, error, exit code)."""
+    """Drive the dataset to the end, committing shards as they complete; (status, error, exit code).
+
+    When Ray loses part of the cluster under the run (a node, an actor, objects it held), the stream
+    starts again over the shards not yet committed, up to `retries.stream_restarts` times. Rows the
+    committer already holds stay; rows delivered again are dropped by the committer.
+    """
+    progress = _Progress(echo, len(plan.shards))
+    restarts = 0
     try:
-        progress = _Progress(echo, len(plan.shards))
-        for batch in build_dataset(plan).iter_batches(batch_format="pyarrow", batch_size=None):
-            stats.observe(batch)
-            committer.add(batch)
-            progress.maybe_report(stats, committer)
+        while True:
+            pending = [r.shard for r in committer.unfinished()]
+            try:
+                dataset = build_dataset(dataclasses.replace(plan, shards=pending))
+                for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+                    faults.inject("driver.rows")
+                    stats.observe(committer.admit(batch))  # counted once, however often a row was delivered
+                    committer.commit_ready()
+                    progress.maybe_report(stats, committer)
+                break
+            except Exception as exc:
+                if restarts >= plan.job.retries.stream_restarts or not is_cluster_fault(exc):
+                    raise
+                restarts += 1
+                stats.stream_restarts = restarts
+                log.warning(
+                    "Ray lost part of the cluster (%s); restarting the stream over %d unfinished shard(s), "
+                    "restart %d of %d",
+                    _describe_run_error(exc),
+                    len(committer.unfinished()),
+                    restarts,
+                    plan.job.retries.stream_restarts,
+                )
         leftovers = committer.unfinished()
         if leftovers:
             raise PipelineError(
@@ -173,15 +222,66 @@ def _stream(plan: Plan, committer: ShardCommitter, stats: RunStats, echo) -> tup
     return "completed", None, 0
 
 
+# Ray errors that mean the cluster lost something under the run, not that our code failed.
+_CLUSTER_FAULTS = frozenset(
+    {
+        "ActorUnavailableError",
+        "NodeDiedError",
+        "ObjectLostError",
+        "OwnerDiedError",
+        "ObjectFetchTimedOutError",
+        "ObjectReconstructionFailedError",
+        "ObjectReconstructionFailedMaxAttemptsExceededError",
+        "ObjectReconstructionFailedLineageEvictedError",
+        "WorkerCrashedError",
+        "ActorDiedError",
+    }
+)
+
+
+def is_cluster_fault(error: BaseException) -> bool:
+    """True when the error chain shows lost nodes, workers or objects. An actor that died in its
+    constructor (a model that cannot load) is not one: restarting would fail the same way."""
+    current: BaseException | None = error
+    seen = []
+    while current is not None and current not in seen:
+        seen.append(current)
+        if type(current).__name__ in _CLUSTER_FAULTS and "creation task" not in str(current):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
 def run_job(job: JobConfig, *, echo=print) -> RunResult:
     """Plan, run and summarise a job. Raises ConfigError before any work when the job cannot run."""
+    return run_plan(plan_job(job), echo=echo)
+
+
+def retry_failed(job: JobConfig, *, reasons: frozenset[str] | None = None, echo=print) -> RunResult:
+    """Run again only the samples committed as error rows (of `reasons`, or all), replacing their rows."""
+    return run_plan(plan_retry_failed(job, reasons), echo=echo, command="retry-failed")
+
+
+def run_plan(plan: Plan, *, echo=print, command: str = "run") -> RunResult:
+    job = plan.job
+    if not plan.shards:
+        echo(
+            f"nothing to do: all {len(plan.skipped)} shard(s) under {job.output.url} are already committed "
+            "(output.mode: overwrite redoes them)"
+            if command == "run"
+            else f"nothing to retry: no committed row under {job.output.url} has a matching error"
+        )
+        return RunResult(
+            summary={"status": "nothing_to_do", "skipped": len(plan.skipped)}, summary_url=None, exit_code=0
+        )
     started_at = datetime.now(timezone.utc)
     stats = RunStats()
-    plan = plan_job(job)
-    echo(
-        f"run {plan.run_id}: {len(plan.shards)} shard(s) -> {job.output.url} with {job.model.source} "
-        f"({', '.join(plan.tasks)})"
+    what = (
+        f"{sum(len(k) for k in plan.selection.values())} failed sample(s) in {len(plan.shards)} shard(s)"
+        if plan.selection is not None
+        else f"{len(plan.shards)} shard(s)" + (f" ({len(plan.skipped)} already committed)" if plan.skipped else "")
     )
+    echo(f"{command} {plan.run_id}: {what} -> {job.output.url} with {job.model.source} ({', '.join(plan.tasks)})")
     fs, root = filesystem(job.output.url, plan.output_storage)
     committer = ShardCommitter(
         fs=fs,
@@ -191,10 +291,19 @@ def run_job(job: JobConfig, *, echo=print) -> RunResult:
         constants={"model": job.model.source, "settings": plan.settings, "run_id": plan.run_id},
         run_id=plan.run_id,
         compression=job.output.compression,
+        settings_digest=plan.settings_digest,
+        retry_policy=plan.retry_policy,
+        patches={s.url: Patch(existing_path=join(root, f"{s.name}.parquet")) for s in plan.shards}
+        if plan.selection is not None
+        else None,
     )
 
     with ray_cluster(job):
         status, error, exit_code = _stream(plan, committer, stats, echo)
+    if status == "completed":
+        breach = _failure_limits_breached(job, stats, list(committer.results.values()))
+        if breach:
+            status, error, exit_code = "failed", breach, 1
 
     summary = build_summary(
         job_name=job.name,
@@ -207,8 +316,11 @@ def run_job(job: JobConfig, *, echo=print) -> RunResult:
         tasks=plan.tasks,
         status=status,
         error=error,
+        skipped_shards=len(plan.skipped),
+        duplicates_dropped=committer.duplicates,
+        command=command,
     )
-    summary_url = _write_summary(fs, root, job.output.url, plan.run_id, summary)
+    summary_url = _write_summary(fs, root, job.output.url, plan.run_id, summary, plan.retry_policy)
     echo(render_summary(summary, summary_url))
     return RunResult(summary=summary, summary_url=summary_url, exit_code=exit_code)
 
@@ -233,12 +345,36 @@ def _describe_run_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {str(exc).strip()[:500]}"
 
 
-def _write_summary(fs, root: str, url: str, run_id: str, summary: dict[str, object]) -> str | None:
+def _failure_limits_breached(job: JobConfig, stats: RunStats, shards: list[ShardResult]) -> str | None:
+    """Why a completed run still counts as failed, if it does (`failures.*`)."""
+    limits = job.failures
+    reasons = []
+    broken = [r for r in shards if r.status in (rows.SHARD_FAILED, rows.SHARD_PARTIAL)]
+    if limits.max_failed_shards is not None and len(broken) > limits.max_failed_shards:
+        reasons.append(
+            f"{len(broken)} shard(s) failed or ended early, more than failures.max_failed_shards="
+            f"{limits.max_failed_shards} (e.g. {broken[0].shard.url}: {broken[0].error})"
+        )
+    fraction = stats.failed / stats.samples if stats.samples else 0.0
+    if limits.max_failed_sample_fraction is not None and fraction > limits.max_failed_sample_fraction:
+        top = ", ".join(f"{n} {reason}" for reason, n in stats.failed_by_reason.most_common(3))
+        reasons.append(
+            f"{stats.failed} of {stats.samples} samples failed ({fraction:.1%}), more than "
+            f"failures.max_failed_sample_fraction={limits.max_failed_sample_fraction:g} ({top})"
+        )
+    return "; and ".join(reasons) or None
+
+
+def _write_summary(fs, root: str, url: str, run_id: str, summary: dict[str, object], policy: RetryPolicy) -> str | None:
     path = join(root, RUNS_DIR, f"{run_id}.json")
-    try:
+
+    def write() -> None:
         fs.makedirs(join(root, RUNS_DIR), exist_ok=True)
         with fs.open(path, "wb") as handle:
             handle.write(summary_json(summary).encode())
+
+    try:
+        with_retries(write, policy, f"writing {path}")
     except Exception as exc:
         log.error("could not write the run summary to %s: %s", path, describe_storage_error(exc, url))
         return None

@@ -51,6 +51,9 @@ def output_name(relative_path: str) -> str:
     parts = [p for p in name.split("/") if p not in ("", ".")]
     if not parts or any(p == ".." for p in parts):
         raise ValueError(f"cannot derive a safe output name from {relative_path!r}")
+    if parts[0].startswith("_"):
+        # `_staging`, `_runs` and `_done` are the run's own; readers skip `_` paths, so it would be invisible too
+        raise ValueError(f"{relative_path!r} would be written under a `_` directory, which readers skip")
     return "/".join(parts)
 
 

@@ -29,12 +29,18 @@ class RunStats:
     failed_by_reason: Counter = field(default_factory=Counter)
     stage_seconds: Counter = field(default_factory=Counter)
     first_row_seconds: float | None = None
+    stream_restarts: int = 0
+    # Steady state, on the model stage's own clock: a model call stamps all its rows with one `processed_at`,
+    # so the rows tell when each call ended, how long it ran and how many samples it answered. Keyed by that
+    # end (microseconds): [busy seconds, samples].
+    model_calls: dict[int, list[float]] = field(default_factory=dict)
 
     def observe(self, table: pa.Table) -> None:
         for stage in rows.STAGES:
             column = rows.seconds_column(stage)
             if column in table.column_names:
                 self.stage_seconds[stage] += pc.sum(table.column(column)).as_py() or 0.0
+        self._observe_model_calls(table)
         samples = table.filter(pc.equal(table.column(rows.RECORD), rows.SAMPLE))
         if not samples.num_rows:
             return
@@ -44,6 +50,27 @@ class RunStats:
         self.succeeded += pc.sum(pc.is_null(samples.column("error"))).as_py() or 0
         reasons = samples.column("error_reason").drop_null()
         self.failed_by_reason.update(reasons.to_pylist())
+
+    def _observe_model_calls(self, table: pa.Table) -> None:
+        seconds = rows.seconds_column("model")
+        if "processed_at" not in table.column_names or seconds not in table.column_names:
+            return
+        calls = (
+            pa.table(
+                {
+                    "end": table.column("processed_at").cast(pa.int64()),
+                    "seconds": table.column(seconds),
+                    "samples": pc.equal(table.column(rows.RECORD), rows.SAMPLE).cast(pa.int64()),
+                }
+            )
+            .group_by("end")
+            .aggregate([("seconds", "sum"), ("samples", "sum")])
+        )
+        for end, busy, count in zip(*(calls.column(n).to_pylist() for n in ("end", "seconds_sum", "samples_sum"))):
+            if end is not None:
+                call = self.model_calls.setdefault(end, [0.0, 0])
+                call[0] += busy or 0.0
+                call[1] += count or 0
 
     @property
     def failed(self) -> int:
@@ -66,6 +93,9 @@ def build_summary(
     tasks: list[str],
     status: str,
     error: str | None = None,
+    skipped_shards: int = 0,
+    duplicates_dropped: int = 0,
+    command: str = "run",
 ) -> dict[str, object]:
     wall = stats.elapsed
     by_status = Counter(r.status or "unfinished" for r in shards)
@@ -76,6 +106,7 @@ def build_summary(
     return {
         "job": job_name,
         "run_id": run_id,
+        "command": command,
         "status": status,
         "error": error,
         "started_at": started_at.isoformat(),
@@ -96,16 +127,40 @@ def build_summary(
             "partial": by_status.get(rows.SHARD_PARTIAL, 0),
             "failed": by_status.get(rows.SHARD_FAILED, 0),
             "unfinished": by_status.get("unfinished", 0),
+            "skipped_already_committed": skipped_shards,
             "problems": [
                 {"shard": r.shard.url, "status": r.status or "unfinished", "samples": r.expected, "error": r.error}
                 for r in shards
                 if r.status != rows.SHARD_OK
             ],
             "outputs": [r.output_path for r in shards if r.output_path],
+            "rows_replaced": sum(r.rows_replaced for r in shards),
         },
+        "duplicates_dropped": duplicates_dropped,
+        "stream_restarts": stats.stream_restarts,
         "images_per_second": round(stats.samples / wall, 3) if wall > 0 else None,
         "seconds_to_first_row": round(stats.first_row_seconds, 3) if stats.first_row_seconds is not None else None,
         "stages": stages,
+        "steady_state": _steady_state(stats),
+    }
+
+
+def _steady_state(stats: RunStats) -> dict[str, object] | None:
+    """From the end of the first model call to the end of the last: warm-up (Ray's start, the model load, the
+    first batch through every stage) excluded. With one model actor its calls run one after another, so the
+    later calls' busy seconds over the window is the fraction of time the model was generating."""
+    if len(stats.model_calls) < 2:
+        return None
+    ends = sorted(stats.model_calls)
+    later = [stats.model_calls[end] for end in ends[1:]]
+    seconds = (ends[-1] - ends[0]) / 1e6
+    samples = int(sum(call[1] for call in later))
+    return {
+        "model_calls": len(ends),
+        "samples": samples,
+        "seconds": round(seconds, 3),
+        "images_per_second": round(samples / seconds, 3) if seconds > 0 else None,
+        "model_busy_seconds": round(sum(call[0] for call in later), 3),
     }
 
 
@@ -122,7 +177,13 @@ def render_summary(summary: dict[str, object], summary_url: str | None) -> str:
         lines.append(f"            {count} {reason}")
     lines.append(
         f"  shards    {shards['total']} total: {shards['ok']} ok, {shards['partial']} partial, "
-        f"{shards['failed']} failed" + (f", {shards['unfinished']} unfinished" if shards["unfinished"] else "")
+        f"{shards['failed']} failed"
+        + (f", {shards['unfinished']} unfinished" if shards["unfinished"] else "")
+        + (
+            f"; {shards['skipped_already_committed']} skipped (already committed)"
+            if shards.get("skipped_already_committed")
+            else ""
+        )
     )
     for problem in shards["problems"]:
         lines.append(f"            {problem['status']}: {problem['shard']}: {problem['error'] or '-'}")
@@ -132,6 +193,8 @@ def render_summary(summary: dict[str, object], summary_url: str | None) -> str:
     busy = ", ".join(f"{name} {info['busy_seconds']:.1f} s" for name, info in stages.items())
     lines.append(f"  busy      {busy}")
     lines.append(f"  outputs   {len(shards['outputs'])} Parquet file(s) under {summary['output']}")
+    if shards.get("rows_replaced"):
+        lines.append(f"  retried   {shards['rows_replaced']} row(s) replaced in place")
     if summary_url:
         lines.append(f"  summary   {summary_url}")
     return "\n".join(lines)

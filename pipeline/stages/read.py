@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import time
 from dataclasses import dataclass
 from typing import Iterator
@@ -20,8 +21,11 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from pipeline import rows
 from pipeline.config import StorageConfig
+from pipeline.retry import RetryPolicy, is_transient
 from pipeline.shards import Shard
 from pipeline.storage import describe_storage_error, filesystem
+
+log = logging.getLogger(__name__)
 
 _MAX_BLOCK_BYTES = 64 * 1024 * 1024
 _END_OF_ARCHIVE = b"\0" * 1024  # two zero blocks close every complete tar
@@ -35,6 +39,9 @@ class ReadSpec:
     image_extensions: tuple[str, ...]
     metadata_extension: str | None
     rows_per_block: int
+    retry_policy: RetryPolicy = RetryPolicy()
+    # retry-failed: per shard URL, the keys of the only samples to emit (rows keep their tar position)
+    selection: dict[str, frozenset[str]] | None = None
 
 
 class WebDatasetShards(Datasource):
@@ -112,33 +119,72 @@ class _Block:
 
 
 def read_shard(shard: Shard, spec: ReadSpec) -> Iterator[pa.Table]:
+    """Stream one shard's samples as blocks, then its `shard_end` row.
+
+    A transient storage error (dropped connection, 503) reopens the shard and skips the samples
+    already emitted, so rows are neither lost nor repeated. Each sample is held back until the next
+    one begins, because webdataset yields whatever it had gathered when a stream breaks: a sample
+    cut by a transient error is read again whole on the next try.
+    """
     started = time.perf_counter()
+    policy = spec.retry_policy
     failures: list[str] = []
-    count = 0
+    count = 0  # samples emitted
+    consumed = 0  # samples of the tar dealt with (emitted, or skipped by a retry-failed selection)
+    wanted = spec.selection.get(shard.url) if spec.selection is not None else None
     block = _Block()
 
-    def on_error(exc: Exception) -> bool:
-        message = str(exc.args[0]) if exc.args else type(exc).__name__
-        if "duplicate file name" in message:
-            return True  # keep the sample with the first copy; the tar is otherwise readable
-        failures.append(f"{type(exc).__name__}: {message.split(' @ ')[0]}")
-        return False
+    def take(sample: dict[str, object], position: int) -> bool:
+        nonlocal count
+        if wanted is not None and str(sample["__key__"]) not in wanted:
+            return False
+        block.add(**_sample_row(sample, shard.url, position, spec))
+        count += 1
+        return True
 
-    try:
-        fs, path = filesystem(shard.url, spec.storage)
-        with fs.open(path, "rb") as raw:
-            stream = _TailTrackingReader(raw)
-            files = tar_file_expander([{"url": shard.url, "stream": stream}], handler=on_error)
-            for sample in group_by_keys(files, lcase=False, handler=on_error):
-                block.add(**_sample_row(sample, shard.url, count, spec))
-                count += 1
-                if len(block) >= spec.rows_per_block or block.bytes >= _MAX_BLOCK_BYTES:
-                    yield block.table()
-                    block = _Block()
-            if not failures and stream.truncated():
-                failures.append("the tar ends without its end-of-archive blocks: the shard is truncated")
-    except Exception as exc:
-        failures.append(describe_storage_error(exc, shard.url, spec.storage))
+    for attempt in range(1, policy.attempts + 1):
+        errors: list[tuple[Exception, str]] = []  # (error, its description)
+        held: tuple[int, dict[str, object]] | None = None
+        already = consumed
+
+        def on_error(exc: Exception, errors=errors) -> bool:
+            message = str(exc.args[0]) if exc.args else type(exc).__name__
+            if "duplicate file name" in message:
+                return True  # keep the sample with the first copy; the tar is otherwise readable
+            errors.append((exc, f"{type(exc).__name__}: {message.split(' @ ')[0]}"))
+            return False
+
+        truncated = False
+        try:
+            fs, path = filesystem(shard.url, spec.storage)
+            with fs.open(path, "rb") as raw:
+                stream = _TailTrackingReader(raw)
+                files = tar_file_expander([{"url": shard.url, "stream": stream}], handler=on_error)
+                for position, sample in enumerate(group_by_keys(files, lcase=False, handler=on_error)):
+                    if position < already:
+                        continue  # emitted before a retry
+                    if held is not None:
+                        take(held[1], held[0])
+                        consumed = held[0] + 1
+                        if len(block) >= spec.rows_per_block or block.bytes >= _MAX_BLOCK_BYTES:
+                            yield block.table()
+                            block = _Block()
+                    held = (position, sample)
+                if not errors:
+                    truncated = stream.truncated()
+        except Exception as exc:
+            errors.append((exc, describe_storage_error(exc, shard.url, spec.storage)))
+
+        if errors and attempt < policy.attempts and any(is_transient(e) for e, _ in errors):
+            log.warning("%s: %s; reading it again from sample %d", shard.url, errors[0][1], consumed)
+            time.sleep(policy.backoff(attempt - 1))
+            continue  # the held sample is dropped: it may have been cut short
+        if held is not None:
+            take(held[1], held[0])
+        failures.extend(description for _, description in errors)
+        if truncated:
+            failures.append("the tar ends without its end-of-archive blocks: the shard is truncated")
+        break
 
     status = rows.SHARD_OK if not failures else rows.SHARD_PARTIAL if count else rows.SHARD_FAILED
     block.add(

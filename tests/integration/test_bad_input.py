@@ -86,9 +86,15 @@ def bad_input_run(s3, ray_address, tiny_model, tmp_path_factory):
     }
 
 
-def test_job_completes_despite_bad_input(bad_input_run):
-    assert bad_input_run["exit_code"] == 0
-    assert bad_input_run["summary"]["status"] == "completed"
+def test_job_goes_on_past_bad_input_and_exits_1_naming_the_breached_limits(bad_input_run):
+    # Every shard was processed (the tests below check each row); the default limits (no broken
+    # shard, at most 5% failed samples) are what turn the finished run into exit code 1.
+    assert bad_input_run["exit_code"] == 1
+    summary = bad_input_run["summary"]
+    assert summary["status"] == "failed"
+    assert "2 shard(s) failed or ended early, more than failures.max_failed_shards=0" in summary["error"]
+    assert "more than failures.max_failed_sample_fraction=0.05" in summary["error"]
+    assert summary["shards"]["unfinished"] == 0
 
 
 @pytest.mark.parametrize("case", sorted(TRICKY_IMAGES))
@@ -137,8 +143,10 @@ def test_non_tar_shard_is_reported_failed_and_others_complete(s3, bad_input_run)
         "partial": 1,
         "failed": 1,
         "unfinished": 0,
+        "skipped_already_committed": 0,
         "problems": None,
         "outputs": None,
+        "rows_replaced": 0,
     }
     files = sorted(
         p.rsplit("/", 1)[1] for p in s3.filesystem().find(f"{bad_input_run['bucket']}/out/") if p.endswith(".parquet")

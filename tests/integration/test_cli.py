@@ -92,7 +92,7 @@ def test_validate_checks_without_writing(s3, bucket, tiny_model, tmp_path, write
         upload(s3, tmp_path / name, f"{bucket}/shards/{name}")
     result = run_cli("validate", str(write_job(base_job(bucket, tiny_model))))
     assert result.returncode == 0, result.stderr
-    assert "shards  2:" in result.stdout and "tasks   caption" in result.stdout
+    assert "shards  2 to run:" in result.stdout and "tasks   caption" in result.stdout
     assert not s3.filesystem().exists(f"{bucket}/out")
 
 

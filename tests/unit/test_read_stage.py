@@ -164,8 +164,9 @@ def test_sample_without_image_is_a_no_image_error_row(tmp_path: Path) -> None:
     assert (end[rows.SHARD_SAMPLES], end[rows.SHARD_STATUS]) == (2, rows.SHARD_OK)
 
 
-# The shard_end row rides in the last block, after the last sample.
-@pytest.mark.parametrize(("rows_per_block", "sizes"), [(2, [2, 2, 2]), (1, [1, 1, 1, 1, 1, 1]), (5, [5, 1]), (64, [6])])
+# The shard_end row rides in the last block, after the last sample, which is held back until the
+# stream has ended (a sample is only whole once the next one begins or the tar ends cleanly).
+@pytest.mark.parametrize(("rows_per_block", "sizes"), [(2, [2, 2, 2]), (1, [1, 1, 1, 1, 2]), (5, [6]), (64, [6])])
 def test_rows_per_block_splits_blocks(five_sample_tar: Path, rows_per_block: int, sizes: list[int]) -> None:
     blocks = read_blocks(five_sample_tar, spec(rows_per_block=rows_per_block))
     assert [b.num_rows for b in blocks] == sizes

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ import pytest
 from pipeline import rows
 from pipeline.schema import load_schema
 from pipeline.shards import Shard
-from pipeline.writer import STAGING_DIR, ShardCommitter
+from pipeline.writer import STAGING_DIR, Patch, ShardCommitter
 
 SCHEMA = load_schema()
 CONSTANTS = {"model": "org/tiny-llava", "settings": '{"dtype": "float32"}', "run_id": "run-1"}
@@ -115,7 +116,8 @@ def test_shard_is_written_once_all_rows_arrived_out_of_order(tmp_path: Path, end
 
     assert done.shard == shard and done.finished and done.status == rows.SHARD_OK
     assert done.output_path == f"{out}/shard-00000.parquet"
-    assert files_under(out) == ["shard-00000.parquet"]
+    # The completion marker is written last, next to nothing else.
+    assert files_under(out) == ["_done/shard-00000.json", "shard-00000.parquet"]
     written = pq.read_table(out / "shard-00000.parquet")
     assert written.column_names == SCHEMA.names
     assert not [c for c in written.column_names if c.startswith("_")]
@@ -148,7 +150,7 @@ def test_nothing_is_left_under_staging(tmp_path: Path) -> None:
     assert files_under(staging) == []
     writer.cleanup_staging()
     assert not (staging / "run-1").exists()
-    assert files_under(tmp_path / "out") == ["s.parquet"]
+    assert files_under(tmp_path / "out") == ["_done/s.json", "s.parquet"]
 
 
 def test_error_rows_are_written_with_their_reason(tmp_path: Path) -> None:
@@ -219,7 +221,10 @@ def test_nested_shard_names_create_subdirectories(tmp_path: Path) -> None:
     writer = committer(tmp_path, [shard])
     [done] = writer.add(batch(sample(shard, 0), shard_end(shard, 1)))
     assert done.output_path == f"{tmp_path}/out/2026-11-01/part-a/shard-7.parquet"
-    assert files_under(tmp_path / "out") == ["2026-11-01/part-a/shard-7.parquet"]
+    assert files_under(tmp_path / "out") == [
+        "2026-11-01/part-a/shard-7.parquet",
+        "_done/2026-11-01/part-a/shard-7.json",
+    ]
     assert pq.read_table(done.output_path).num_rows == 1
 
 
@@ -236,19 +241,22 @@ def test_unfinished_lists_shards_still_waiting(tmp_path: Path) -> None:
     assert [(r.shard.name, r.received, r.expected) for r in writer.unfinished()] == [("b", 1, 2), ("c", 0, None)]
 
 
-def test_more_rows_than_samples_is_refused(tmp_path: Path) -> None:
+def test_a_sample_delivered_twice_is_written_once(tmp_path: Path) -> None:
+    # A retried read task or a restarted actor can deliver rows again; the first copy wins.
     shard = make_shard(tmp_path, "dup")
     writer = committer(tmp_path, [shard])
-    with pytest.raises(RuntimeError, match="3 rows arrived for 2 samples; refusing to write"):
-        writer.add(batch(sample(shard, 0), sample(shard, 1), sample(shard, 1), shard_end(shard, 2)))
-    assert files_under(tmp_path / "out") == []
+    writer.add(batch(sample(shard, 0), sample(shard, 1, caption="first")))
+    [done] = writer.add(batch(sample(shard, 1, caption="second"), shard_end(shard, 2)))
+    assert (done.received, done.duplicates) == (2, 1)
+    written = pq.read_table(tmp_path / "out" / "dup.parquet")
+    assert written.column("caption").to_pylist() == ["caption 0", "first"]
 
 
 def test_rerun_overwrites_the_same_file(tmp_path: Path) -> None:
     shard = make_shard(tmp_path, "s")
     committer(tmp_path, [shard]).add(batch(sample(shard, 0, caption="old"), shard_end(shard, 1)))
     committer(tmp_path, [shard]).add(batch(sample(shard, 0, caption="new"), shard_end(shard, 1)))
-    assert files_under(tmp_path / "out") == ["s.parquet"]
+    assert files_under(tmp_path / "out") == ["_done/s.json", "s.parquet"]
     assert pq.read_table(tmp_path / "out" / "s.parquet").column("caption").to_pylist() == ["new"]
 
 
@@ -263,9 +271,57 @@ def test_compression_codec_is_applied(tmp_path: Path, compression: str, codec: s
     assert pq.ParquetFile(tmp_path / "out" / "s.parquet").metadata.row_group(0).column(0).compression == codec
 
 
-def test_rows_arriving_after_their_shard_was_committed_are_an_error(tmp_path: Path) -> None:
+def test_rows_arriving_after_their_shard_was_committed_are_dropped(tmp_path: Path) -> None:
     shard = make_shard(tmp_path, "shard-00000")
     writer = committer(tmp_path, [shard])
     writer.add(batch(sample(shard, 0), shard_end(shard, 1)))
-    with pytest.raises(RuntimeError, match="arrived after the shard was committed"):
-        writer.add(batch(sample(shard, 0)))
+    assert writer.add(batch(sample(shard, 0, caption="late copy"))) == []
+    assert writer.duplicates == 1
+    written = pq.read_table(tmp_path / "out" / "shard-00000.parquet")
+    assert written.column("caption").to_pylist() == ["caption 0"]
+
+
+def test_marker_records_what_was_committed(tmp_path: Path) -> None:
+    shard = make_shard(tmp_path, "s")
+    writer = committer(tmp_path, [shard])
+    writer.add(batch(sample(shard, 0), sample(shard, 1, error="bad", error_reason="corrupt_image")))
+    writer.add(batch(shard_end(shard, 2, rows.SHARD_PARTIAL, "truncated")))
+    marker = json.loads((tmp_path / "out" / "_done" / "s.json").read_text())
+    assert marker["shard"] == shard.url and marker["output"] == f"{tmp_path}/out/s.parquet"
+    assert (marker["status"], marker["error"], marker["rows"], marker["failed_rows"]) == ("partial", "truncated", 2, 1)
+    assert marker["run_id"] == "run-1"
+
+
+def test_patch_replaces_retried_rows_in_place(tmp_path: Path) -> None:
+    shard = make_shard(tmp_path, "s")
+    first = committer(tmp_path, [shard])
+    first.add(
+        batch(
+            sample(shard, 0),
+            sample(shard, 1, caption=None, error="boom", error_reason="generation_failed"),
+            sample(shard, 2),
+            sample(shard, 3, caption=None, error="oom", error_reason="out_of_memory"),
+            shard_end(shard, 4),
+        )
+    )
+    final = str(tmp_path / "out" / "s.parquet")
+    retry = ShardCommitter(
+        fs=fsspec.filesystem("file"), root=str(tmp_path / "out"), shards=[shard], schema=SCHEMA,
+        constants={**CONSTANTS, "run_id": "run-2"}, run_id="run-2", compression="zstd",
+        patches={shard.url: Patch(existing_path=final)},
+    )  # fmt: skip
+    # The retry reads only the failed samples: indexes 0 and 1 of the retry are samples 1 and 3.
+    [done] = retry.add(
+        batch(
+            sample(shard, 1, key="s-001", caption="fixed 1"),
+            sample(shard, 0, key="s-003", caption="fixed 3"),
+            shard_end(shard, 2),
+        )
+    )
+    written = pq.read_table(final)
+    assert written.column("key").to_pylist() == ["s-000", "s-001", "s-002", "s-003"]
+    assert written.column("caption").to_pylist() == ["caption 0", "fixed 1", "caption 2", "fixed 3"]
+    assert written.column("error").to_pylist() == [None] * 4
+    assert written.column("run_id").to_pylist() == ["run-1", "run-2", "run-1", "run-2"]
+    assert done.rows_replaced == 2
+    assert json.loads((tmp_path / "out" / "_done" / "s.json").read_text())["rows_replaced"] == 2

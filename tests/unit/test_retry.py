@@ -1,0 +1,107 @@
+"""Which storage errors are retried, and how often: literal exceptions, no network."""
+
+from __future__ import annotations
+
+import pytest
+from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
+
+from pipeline.retry import RetryPolicy, is_transient, with_retries
+
+
+def client_error(code: str, status: int) -> ClientError:
+    return ClientError({"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "Op")
+
+
+def wrapped(error: BaseException) -> OSError:
+    """How s3fs hands errors up: its own OSError with botocore's error as the cause."""
+    try:
+        raise error
+    except BaseException as cause:
+        try:
+            raise OSError("s3fs says no") from cause
+        except OSError as outer:
+            return outer
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        client_error("SlowDown", 503),
+        client_error("InternalError", 500),
+        client_error("ServiceUnavailable", 503),
+        client_error("RequestTimeout", 400),
+        ConnectionResetError(104, "Connection reset by peer"),
+        ReadTimeoutError(endpoint_url="http://s3"),
+        TimeoutError("read timed out"),
+        wrapped(client_error("SlowDown", 503)),
+        wrapped(ConnectionResetError(104, "reset")),
+    ],
+    ids=lambda e: type(e).__name__ + ":" + str(e)[:30],
+)
+def test_transient_errors_are_retried(error: BaseException) -> None:
+    assert is_transient(error)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        client_error("AccessDenied", 403),
+        client_error("NoSuchKey", 404),
+        client_error("NoSuchBucket", 404),
+        client_error("InvalidAccessKeyId", 403),
+        client_error("SignatureDoesNotMatch", 403),
+        PermissionError("denied"),
+        FileNotFoundError("s3://bucket/missing.tar"),
+        wrapped(client_error("AccessDenied", 403)),
+        ValueError("a bug, not the network"),
+        EndpointConnectionError(endpoint_url="http://127.0.0.1:1"),  # botocore retried it already
+    ],
+    ids=lambda e: type(e).__name__ + ":" + str(e)[:30],
+)
+def test_permanent_errors_fail_fast(error: BaseException) -> None:
+    assert not is_transient(error)
+
+
+def test_with_retries_retries_transient_errors_then_succeeds() -> None:
+    calls = []
+
+    def flaky() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise client_error("SlowDown", 503)
+        return "done"
+
+    assert with_retries(flaky, RetryPolicy(attempts=5, initial_backoff_s=0.001, max_backoff_s=0.002), "op") == "done"
+    assert len(calls) == 3
+
+
+def test_with_retries_gives_up_after_the_last_attempt() -> None:
+    calls = []
+
+    def always_503() -> None:
+        calls.append(1)
+        raise client_error("SlowDown", 503)
+
+    with pytest.raises(ClientError):
+        with_retries(always_503, RetryPolicy(attempts=4, initial_backoff_s=0.001, max_backoff_s=0.001), "op")
+    assert len(calls) == 4
+
+
+def test_with_retries_raises_permanent_errors_at_once() -> None:
+    calls = []
+
+    def denied() -> None:
+        calls.append(1)
+        raise client_error("AccessDenied", 403)
+
+    with pytest.raises(ClientError):
+        with_retries(denied, RetryPolicy(attempts=6, initial_backoff_s=0.001), "op")
+    assert len(calls) == 1
+
+
+def test_backoff_is_jittered_below_an_exponential_cap() -> None:
+    policy = RetryPolicy(initial_backoff_s=0.5, max_backoff_s=4.0)
+    for retry, cap in [(0, 0.5), (1, 1.0), (2, 2.0), (3, 4.0), (8, 4.0)]:
+        waits = [policy.backoff(retry) for _ in range(200)]
+        assert all(0 <= w <= cap for w in waits)
+        assert max(waits) > cap / 2  # spread over the range, not a constant
