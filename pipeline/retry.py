@@ -94,7 +94,8 @@ class RetryPolicy:
         return random.uniform(0, min(self.max_backoff_s, self.initial_backoff_s * (2**retry)))
 
 
-def _chain(error: BaseException) -> list[BaseException]:
+def error_chain(error: BaseException) -> list[BaseException]:
+    """The error and every cause or context behind it, outermost first (each once)."""
     seen: list[BaseException] = []
     current: BaseException | None = error
     while current is not None and current not in seen:
@@ -115,7 +116,7 @@ def _code_and_status(error: BaseException) -> tuple[str | None, int | None]:
 
 def is_transient(error: BaseException) -> bool:
     """True for errors another try may fix; False for everything else, permanent errors first."""
-    chain = _chain(error)
+    chain = error_chain(error)
     for link in chain:
         if isinstance(link, (PermissionError, FileNotFoundError, IsADirectoryError, NotADirectoryError)):
             return False

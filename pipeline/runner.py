@@ -26,7 +26,7 @@ from pipeline import faults, rows
 from pipeline.config import JobConfig
 from pipeline.errors import PipelineError
 from pipeline.plan import Plan, check_cluster_fits, plan_job, plan_retry_failed
-from pipeline.retry import RetryPolicy, with_retries
+from pipeline.retry import RetryPolicy, error_chain, with_retries
 from pipeline.schema import load_schema
 from pipeline.stages.generate import GenerateSpec, GenerateStage
 from pipeline.stages.prepare import PrepareSpec, PrepareStage
@@ -242,14 +242,9 @@ _CLUSTER_FAULTS = frozenset(
 def is_cluster_fault(error: BaseException) -> bool:
     """True when the error chain shows lost nodes, workers or objects. An actor that died in its
     constructor (a model that cannot load) is not one: restarting would fail the same way."""
-    current: BaseException | None = error
-    seen = []
-    while current is not None and current not in seen:
-        seen.append(current)
-        if type(current).__name__ in _CLUSTER_FAULTS and "creation task" not in str(current):
-            return True
-        current = current.__cause__ or current.__context__
-    return False
+    return any(
+        type(link).__name__ in _CLUSTER_FAULTS and "creation task" not in str(link) for link in error_chain(error)
+    )
 
 
 def run_job(job: JobConfig, *, echo=print) -> RunResult:
@@ -332,12 +327,7 @@ def _describe_run_error(exc: BaseException) -> str:
     """The stage's own exception line, dug out of Ray's wrappers (which embed it in a traceback text)."""
     if isinstance(exc, PipelineError):
         return str(exc)
-    chain: list[BaseException] = []
-    current: BaseException | None = exc
-    while current is not None and current not in chain:
-        chain.append(current)
-        current = current.__cause__ or current.__context__
-    for error in chain:
+    for error in error_chain(exc):
         lines = [line.strip() for line in str(error).splitlines()]
         found = [line for line in lines if _EXCEPTION_LINE.match(line)]
         if found:
