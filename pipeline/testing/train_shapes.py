@@ -14,11 +14,13 @@ tokenized by `pipeline.modeling.InputBuilder` exactly as the prepare stage does 
   vqa      "What shape is in the image?" -> "circle", "What colour is the shape?" -> "red",
            "What colour is the background?" -> "blue", "Is there a star?" -> "yes" / "no"
 
-Training has two phases: the vision tower first learns the three attributes and the shape's
-outline through throwaway heads (cheap: no decoder), then the whole LLaVA learns the answers,
-with the loss on the answer tokens only. Everything is seeded, so a run with the same settings and
-thread count on the same machine gives the same weights (`training.json` in the model directory
-records both, with the wall time and load average):
+Training has three stages: the vision tower first learns the three attributes and the shape's
+outline through throwaway heads (cheap: no decoder); then the whole LLaVA, the tower frozen, learns
+every answer, with the loss on the answer tokens only; then a stage of presence questions, with
+throwaway probes on the decoder (see `train_llava` for why that question needs them). Everything
+is seeded, and the training images are drawn from per-image seeds, so a run with the same settings
+and thread count on the same machine gives the same weights (`training.json` in the model directory
+records the settings, the wall time and the load average):
 
     python -m pipeline.testing.train_shapes --out models/tiny-llava-shapes [--threads 1]
 
@@ -31,6 +33,7 @@ much faster, because torch's threads wait on each other whenever one of them is 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -48,6 +51,7 @@ from pipeline.testing.shards import (
     BACKGROUND_QUESTION,
     COLOR_QUESTION,
     COLORS,
+    PRESENCE_QUESTIONS,
     SHAPE_QUESTION,
     SHAPES,
     Scene,
@@ -74,11 +78,15 @@ class TrainSettings:
     seed: int = 0
     image_size: int = IMAGE_SIZE
     patch_size: int = PATCH_SIZE
-    pool: int = 8_000
-    vision_steps: int = 3000
+    pool: int = 24_000
+    held_out: int = 1_000  # images the vision phase reports its accuracy on
+    workers: int = 2  # processes drawing the pool
+    vision_steps: int = 3500
     vision_batch: int = 64
     vision_lr: float = 1e-3
-    steps: int = 700
+    steps: int = 500  # every task
+    presence_steps: int = 700  # then presence questions with probes (see train_llava)
+    presence_lr: float = 1.5e-3
     batch: int = 48
     lr: float = 1.5e-3
     warmup: int = 40
@@ -157,6 +165,49 @@ def build_model(tokenizer, image_size: int = IMAGE_SIZE, patch_size: int = PATCH
     return model
 
 
+_drawer: InputBuilder | None = None
+
+
+def _init_drawer(processor) -> None:
+    global _drawer
+    _drawer = InputBuilder(processor)
+
+
+def _draw_range(job: tuple[str, int, int]) -> tuple[list[Scene], np.ndarray, np.ndarray]:
+    seed, start, stop = job
+    drawn = [draw_training_image(_drawer, random.Random(f"{seed}-{index}")) for index in range(start, stop)]
+    return [d[0] for d in drawn], np.stack([d[1] for d in drawn]), np.stack([d[2] for d in drawn])
+
+
+def draw_training_image(builder: InputBuilder, rng: random.Random) -> tuple[Scene, np.ndarray, np.ndarray]:
+    """One scene as a shard delivers it (random size and aspect, noise, JPEG/PNG/WebP at varying
+    quality), preprocessed for the model, with its shape coverage (see `ScenePool`)."""
+    scene = random_scene(rng)
+    short = rng.randint(36, 128)
+    long = min(192, int(short * rng.uniform(1.0, 2.0)))
+    width, height = (short, long) if rng.random() < 0.5 else (long, short)
+    clean = draw_scene(scene, rng, width, height)
+    noise = rng.choice([0.0, rng.uniform(0, 12)])
+    image = add_noise(clean, noise, rng) if noise else clean
+    data = encode(image, rng.choice(ScenePool.FORMATS), quality=rng.randint(35, 95))
+    arrays, _ = builder.image_arrays(decode_image(data, max_pixels=1 << 24).image)
+    grid = builder.processor.image_processor.size["height"] // builder.processor.patch_size
+    return scene, arrays["pixel_values"], _coverage(clean, scene, grid, ScenePool.CELLS)
+
+
+def _coverage(clean, scene: Scene, grid: int, cells: int) -> np.ndarray:
+    from PIL import Image
+
+    shape = np.any(np.asarray(clean) != np.array(COLORS[scene.background], dtype=np.uint8), axis=-1)
+    side = grid * cells
+    # The image processor squashes the whole image to a square; so does this.
+    fraction = np.asarray(
+        Image.fromarray(shape.astype(np.uint8) * 255).resize((side, side), Image.Resampling.BOX), np.float32
+    )
+    per_cell = (fraction / 255).reshape(grid, cells, grid, cells).transpose(0, 2, 1, 3)
+    return per_cell.reshape(grid * grid, cells * cells)
+
+
 class ScenePool:
     """Training images, drawn, encoded and decoded the way shards deliver them to the pipeline, then
     preprocessed once. Drawing and encoding cost more than a training step, so a pool is made up
@@ -170,42 +221,29 @@ class ScenePool:
 
     FORMATS = ("jpg", "png", "webp")
     CELLS = 4
+    CHUNK = 500  # images per task handed to a drawing process
 
-    def __init__(self, builder: InputBuilder, rng: random.Random, count: int, image_size: int, patch_size: int):
+    def __init__(self, builder: InputBuilder, rng: random.Random, count: int, seed: str, workers: int = 1):
+        """`count` images, image i drawn from its own generator seeded with f"{seed}-{i}", so the pool is
+        the same however many `workers` processes draw it."""
         self.rng = rng
-        self.grid = image_size // patch_size
-        scenes, pixels, masks = [], [], []
-        for _ in range(count):
-            scene = random_scene(rng)
-            width, height = self._size()
-            clean = draw_scene(scene, rng, width, height)
-            noise = rng.choice([0.0, rng.uniform(0, 12)])
-            image = add_noise(clean, noise, rng) if noise else clean
-            data = encode(image, rng.choice(self.FORMATS), quality=rng.randint(35, 95))
-            arrays, self.replacement = builder.image_arrays(decode_image(data, max_pixels=1 << 24).image)
-            scenes.append(scene)
-            pixels.append(arrays["pixel_values"])
-            masks.append(self._coverage(clean, scene))
-        self.scenes = scenes
-        self.pixels = torch.from_numpy(np.stack(pixels))
-        self.masks = torch.from_numpy(np.stack(masks))
+        self.grid = builder.processor.image_processor.size["height"] // builder.processor.patch_size
+        _, self.replacement = builder.image_arrays(draw_scene(Scene("circle", "red", "blue"), random.Random(0)))
+        jobs = [(seed, start, min(count, start + self.CHUNK)) for start in range(0, count, self.CHUNK)]
+        if workers > 1:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
 
-    def _coverage(self, clean, scene: Scene) -> np.ndarray:
-        from PIL import Image
-
-        shape = np.any(np.asarray(clean) != np.array(COLORS[scene.background], dtype=np.uint8), axis=-1)
-        side = self.grid * self.CELLS
-        # The image processor squashes the whole image to a square; so does this.
-        fraction = np.asarray(
-            Image.fromarray(shape.astype(np.uint8) * 255).resize((side, side), Image.Resampling.BOX), np.float32
-        )
-        cells = (fraction / 255).reshape(self.grid, self.CELLS, self.grid, self.CELLS).transpose(0, 2, 1, 3)
-        return cells.reshape(self.grid * self.grid, self.CELLS * self.CELLS)
-
-    def _size(self) -> tuple[int, int]:
-        short = self.rng.randint(36, 128)
-        long = min(192, int(short * self.rng.uniform(1.0, 2.0)))
-        return (short, long) if self.rng.random() < 0.5 else (long, short)
+            # spawn, not fork: the parent already runs torch threads
+            context = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(workers, context, initializer=_init_drawer, initargs=(builder.processor,)) as pool:
+                parts = list(pool.map(_draw_range, jobs))
+        else:
+            _init_drawer(builder.processor)
+            parts = [_draw_range(job) for job in jobs]
+        self.scenes = [scene for part in parts for scene in part[0]]
+        self.pixels = torch.from_numpy(np.concatenate([part[1] for part in parts]))
+        self.masks = torch.from_numpy(np.concatenate([part[2] for part in parts]))
 
     def sample(self, count: int) -> tuple[list[Scene], torch.Tensor, torch.Tensor]:
         """Scenes, pixel values and shape coverage (batch, patches, cells) of `count` random pool images."""
@@ -217,6 +255,20 @@ class ScenePool:
         flipped = masks.view(count, grid, grid, cells, cells).flip(2, 4).reshape(masks.shape)
         masks = torch.where(flip[:, None, None], flipped, masks)
         return [self.scenes[i] for i in indices], pixels, masks
+
+
+def step_examples(scene: Scene, rng: random.Random) -> list[tuple[str, str]]:
+    """What one image teaches in one step: the caption or the tags, one of the three attribute
+    questions, and an "Is there a <shape>?" question. Comparing the asked shape with the seen one is
+    the hardest of the answers, so it gets a third of the examples."""
+    pairs = targets(scene, rng)
+    return [rng.choice(pairs[:2]), rng.choice(pairs[2:5]), pairs[5]]
+
+
+def presence_examples(scene: Scene, rng: random.Random) -> list[tuple[str, str]]:
+    """The presence stage: an "Is there a <shape>?" question and one other target, so nothing is forgotten."""
+    pairs = targets(scene, rng)
+    return [pairs[5], rng.choice(pairs[:5])]
 
 
 def targets(scene: Scene, rng: random.Random) -> list[tuple[str, str]]:
@@ -236,7 +288,7 @@ def _lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * progress)))
 
 
-def train_vision(model, pool: ScenePool, settings: TrainSettings, log) -> None:
+def train_vision(model, pool: ScenePool, held_out: ScenePool, settings: TrainSettings, log) -> None:
     """Teach the vision tower shape, colour and background through throwaway heads on its patch
     features (the layer LLaVA feeds the projector), and where the shape's outline runs (see
     `ScenePool`). Each attribute pools the patches with a few learned attention queries of its own
@@ -257,18 +309,26 @@ def train_vision(model, pool: ScenePool, settings: TrainSettings, log) -> None:
     )
     parameters = [*tower.parameters(), *heads.parameters(), *coverage.parameters(), queries]
     optimizer = torch.optim.AdamW(parameters, lr=settings.vision_lr)
-    for step in range(settings.vision_steps):
-        scenes, pixels, masks = pool.sample(settings.vision_batch)
+
+    def forward(pixels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         patches = tower(pixels, output_hidden_states=True).hidden_states[-1][:, 1:]
         weights = torch.softmax(patches @ queries.T / hidden**0.5, dim=1)  # (batch, patches, queries)
-        pooled = torch.einsum("bpq,bph->bqh", weights, patches).reshape(len(scenes), len(labels), -1)
-        losses = {
-            name: torch.nn.functional.cross_entropy(
-                heads[name](pooled[:, index]),
-                torch.tensor([classes.index(getattr(scene, name)) for scene in scenes]),
-            )
-            for index, (name, classes) in enumerate(labels.items())
-        }
+        pooled = torch.einsum("bpq,bph->bqh", weights, patches).reshape(len(pixels), len(labels), -1)
+        return patches, {name: heads[name](pooled[:, index]) for index, name in enumerate(labels)}
+
+    def truth(scenes: list[Scene], name: str) -> torch.Tensor:
+        return torch.tensor([labels[name].index(getattr(scene, name)) for scene in scenes])
+
+    def held_out_accuracy() -> str:
+        with torch.no_grad():
+            _, logits = forward(held_out.pixels)
+        hits = {name: (logits[name].argmax(-1) == truth(held_out.scenes, name)).float().mean() for name in labels}
+        return "  ".join(f"{name} {value.item():.3f}" for name, value in hits.items())
+
+    for step in range(settings.vision_steps):
+        scenes, pixels, masks = pool.sample(settings.vision_batch)
+        patches, logits = forward(pixels)
+        losses = {name: torch.nn.functional.cross_entropy(logits[name], truth(scenes, name)) for name in labels}
         losses["outline"] = torch.nn.functional.binary_cross_entropy_with_logits(coverage(patches), masks)
         loss = sum(losses.values())
         for group in optimizer.param_groups:
@@ -278,6 +338,8 @@ def train_vision(model, pool: ScenePool, settings: TrainSettings, log) -> None:
         optimizer.step()
         if step % 50 == 0 or step == settings.vision_steps - 1:
             log(f"vision step {step:4d}  " + "  ".join(f"{name} {value.item():.3f}" for name, value in losses.items()))
+        if step % 500 == 0 or step == settings.vision_steps - 1:
+            log(f"vision step {step:4d}  held-out accuracy  {held_out_accuracy()}")
 
 
 def _batch(builder: InputBuilder, replacement: str, examples: list[tuple[str, str]], pixel_values: torch.Tensor):
@@ -301,29 +363,67 @@ def _batch(builder: InputBuilder, replacement: str, examples: list[tuple[str, st
 
 
 def train_llava(model, pool: ScenePool, builder: InputBuilder, settings: TrainSettings, log, snapshot=None) -> None:
-    rng = pool.rng
+    """The whole LLaVA on the answers, the tower frozen: first every task, then the presence question with probes.
+
+    "Is there a <shape>?" is yes exactly when the asked shape and the seen shape match, so neither one alone
+    says anything about the answer, and gradient descent finds no first step towards it: trained on the
+    answers alone, the decoder stayed at chance (p(yes) = 0.54 for every question and image) long after every
+    other task was learned. So a second stage asks every image a presence question, and two throwaway linear
+    probes on the decoder's state where the answer is generated, one for the seen shape and one for the
+    asked shape, give that state both halves of the comparison. Probing from the first step instead starved
+    the other tasks: the colours were never learned.
+    """
     # The tower keeps what the first phase taught it: at this learning rate, training it along with
     # the decoder wiped out its shape features (shape answers fell back to chance).
     model.model.vision_tower.requires_grad_(False)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=0.01)
-    # Each image serves two of its targets per step, so the step sees more targets per image drawn.
-    per_image = 2
-    for step in range(settings.steps):
-        scenes, pixels, _ = pool.sample(settings.batch // per_image)
-        examples = [pair for scene in scenes for pair in rng.sample(targets(scene, rng), per_image)]
-        batch = _batch(builder, pool.replacement, examples, pixels.repeat_interleave(per_image, dim=0))
-        loss = model(**batch).loss
-        for group in optimizer.param_groups:
-            group["lr"] = _lr_at(step, settings.steps, settings.lr, settings.warmup)
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
-        if step % 50 == 0 or step == settings.steps - 1:
-            log(f"llava step {step:4d}  loss {loss.item():.4f}")
-        if snapshot is not None and step and step % 300 == 0:
-            snapshot(step)
+    weights = [p for p in model.parameters() if p.requires_grad]
+    hidden = model.config.text_config.hidden_size
+    probe_layer = model.config.text_config.num_hidden_layers - 1
+    probes = torch.nn.ModuleDict(
+        {"seen": torch.nn.Linear(hidden, len(SHAPES)), "asked": torch.nn.Linear(hidden, len(SHAPES))}
+    )
+    stages = [
+        ("llava", settings.steps, settings.lr, weights, step_examples),
+        (
+            "presence",
+            settings.presence_steps,
+            settings.presence_lr,
+            weights + list(probes.parameters()),
+            presence_examples,
+        ),
+    ]
+    done = 0
+    for name, steps, lr, trainable, examples_of in stages:
+        optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.01)
+        for step in range(steps):
+            scenes, pixels, _ = pool.sample(
+                settings.batch // 3 if examples_of is step_examples else settings.batch // 2
+            )
+            per_image = [examples_of(scene, pool.rng) for scene in scenes]
+            examples = [pair for pairs in per_image for pair in pairs]
+            batch = _batch(builder, pool.replacement, examples, pixels.repeat_interleave(len(per_image[0]), dim=0))
+            output = model(**batch, output_hidden_states=examples_of is presence_examples)
+            loss = output.loss
+            if examples_of is presence_examples:
+                rows = [row for row, (question, _) in enumerate(examples) if question in PRESENCE_QUESTIONS]
+                # the last prompt token: the position whose output is the first answer token
+                answer_at = (batch["labels"][rows] != -100).int().argmax(-1) - 1
+                state = output.hidden_states[probe_layer][rows, answer_at]
+                seen = torch.tensor([SHAPES.index(scenes[row // 2].shape) for row in rows])
+                asked = torch.tensor([SHAPES.index(PRESENCE_QUESTIONS[examples[row][0]]) for row in rows])
+                probe_loss = torch.nn.functional.cross_entropy(probes["seen"](state), seen)
+                loss = loss + 0.5 * (probe_loss + torch.nn.functional.cross_entropy(probes["asked"](state), asked))
+            for group in optimizer.param_groups:
+                group["lr"] = _lr_at(step, steps, lr, settings.warmup)
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            optimizer.step()
+            if step % 50 == 0 or step == steps - 1:
+                log(f"{name} step {step:4d}  loss {output.loss.item():.4f}")
+            done += 1
+            if snapshot is not None and done % 300 == 0:
+                snapshot(done)
 
 
 def train(out: str | Path, settings: TrainSettings = TrainSettings(), *, snapshots: bool = False) -> Path:
@@ -342,10 +442,13 @@ def train(out: str | Path, settings: TrainSettings = TrainSettings(), *, snapsho
     builder = InputBuilder(processor)
     model = build_model(processor.tokenizer, settings.image_size, settings.patch_size)
     log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
-    pool = ScenePool(builder, random.Random(settings.seed), settings.pool, settings.image_size, settings.patch_size)
-    log(f"{settings.pool} training images drawn")
+    pool = ScenePool(builder, random.Random(settings.seed), settings.pool, f"train-{settings.seed}", settings.workers)
+    held_out = ScenePool(
+        builder, random.Random(settings.seed), settings.held_out, f"held-out-{settings.seed}", settings.workers
+    )
+    log(f"{settings.pool} training and {settings.held_out} held-out images drawn")
     model.train()
-    train_vision(model, pool, settings, log)
+    train_vision(model, pool, held_out, settings, log)
     out = Path(out)
 
     def snapshot(step: int) -> None:
@@ -363,6 +466,8 @@ def train(out: str | Path, settings: TrainSettings = TrainSettings(), *, snapsho
     # Wall time depends on what else the machine runs; the load averages say how busy it was.
     record = {
         "settings": settings.__dict__,
+        # the same settings and thread count on the same machine give the same file
+        "weights_sha256": hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest(),
         "wall_seconds": round(elapsed, 1),
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
@@ -378,11 +483,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"model directory (default {DEFAULT_OUT})")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--vision-steps", type=int, default=defaults.vision_steps)
-    parser.add_argument("--steps", type=int, default=defaults.steps, help="LLaVA training steps")
+    parser.add_argument("--steps", type=int, default=defaults.steps, help="LLaVA training steps on every task")
+    parser.add_argument(
+        "--presence-steps", type=int, default=defaults.presence_steps, help="then steps on the presence question"
+    )
+    parser.add_argument("--pool", type=int, default=defaults.pool, help="training images drawn up front")
+    parser.add_argument("--workers", type=int, default=defaults.workers, help="processes drawing the images")
     parser.add_argument("--threads", type=int, default=defaults.threads, help="torch CPU threads")
     parser.add_argument("--snapshots", action="store_true", help="also save OUT-stepN every 300 LLaVA steps")
     args = parser.parse_args(argv)
-    settings = TrainSettings(seed=args.seed, vision_steps=args.vision_steps, steps=args.steps, threads=args.threads)
+    settings = TrainSettings(
+        seed=args.seed,
+        pool=args.pool,
+        workers=args.workers,
+        vision_steps=args.vision_steps,
+        steps=args.steps,
+        presence_steps=args.presence_steps,
+        threads=args.threads,
+    )
     train(args.out, settings, snapshots=args.snapshots)
     return 0
 

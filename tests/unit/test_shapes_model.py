@@ -12,7 +12,16 @@ from PIL import Image
 from pipeline.config import ModelConfig
 from pipeline.modeling import InputBuilder, load_processor
 from pipeline.testing.shards import COLORS, SHAPES, Scene
-from pipeline.testing.train_shapes import CAPTION_PROMPT, TAGS_PROMPT, targets
+from pipeline.testing.train_shapes import (
+    CAPTION_PROMPT,
+    TAGS_PROMPT,
+    ScenePool,
+    TrainSettings,
+    build_processor,
+    step_examples,
+    targets,
+    train,
+)
 
 SHAPES_MODEL = Path(__file__).resolve().parents[2] / "models" / "tiny-llava-shapes"
 
@@ -47,3 +56,48 @@ def test_training_targets_use_the_pipelines_prompts_and_balance_presence_questio
     assert all(a["What shape is in the image?"] == "star" for a in answers)
     presence = [v for a in answers for q, v in a.items() if q.startswith("Is there a")]
     assert 150 < presence.count("yes") < 250 and presence.count("yes") + presence.count("no") == 400
+
+
+def test_each_training_step_asks_every_image_a_presence_question():
+    scene = Scene("circle", "red", "blue")
+    rng = random.Random(1)
+    steps = [step_examples(scene, rng) for _ in range(300)]
+    assert all(len(examples) == 3 for examples in steps)
+    presence = [answer for examples in steps for question, answer in examples if "Is there a" in question]
+    assert len(presence) == 300 and 100 < presence.count("yes") < 200
+    assert {examples[0][0] for examples in steps} == {CAPTION_PROMPT, TAGS_PROMPT}
+
+
+def test_training_pool_is_the_same_however_many_processes_draw_it(monkeypatch):
+    monkeypatch.setattr(ScenePool, "CHUNK", 5)
+    builder = InputBuilder(build_processor())
+    one = ScenePool(builder, random.Random(0), 12, "check", workers=1)
+    two = ScenePool(builder, random.Random(0), 12, "check", workers=2)
+    assert one.scenes == two.scenes
+    assert (one.pixels == two.pixels).all() and (one.masks == two.masks).all()
+    assert one.pixels.shape[0] == 12 and one.masks.shape == (12, one.grid**2, ScenePool.CELLS**2)
+
+
+def test_training_is_seeded_the_same_settings_give_the_same_weights(tmp_path):
+    from safetensors.torch import load_file
+
+    settings = TrainSettings(
+        pool=24,
+        held_out=8,
+        workers=1,
+        vision_steps=3,
+        vision_batch=8,
+        steps=3,
+        presence_steps=3,
+        batch=6,
+        warmup=2,
+        threads=1,
+    )
+    first = load_file(train(tmp_path / "first", settings) / "model.safetensors")
+    second = load_file(train(tmp_path / "second", settings) / "model.safetensors")
+    assert first.keys() == second.keys()
+    assert all((first[name] == second[name]).all() for name in first)
+    other = load_file(
+        train(tmp_path / "other", TrainSettings(**{**settings.__dict__, "seed": 1})) / "model.safetensors"
+    )
+    assert any((first[name] != other[name]).any() for name in first)
