@@ -382,34 +382,35 @@ def train_llava(model, pool: ScenePool, builder: InputBuilder, settings: TrainSe
     probes = torch.nn.ModuleDict(
         {"seen": torch.nn.Linear(hidden, len(SHAPES)), "asked": torch.nn.Linear(hidden, len(SHAPES))}
     )
+    # (name, steps, peak learning rate, what it trains, examples per image, rows per image, probed)
     stages = [
-        ("llava", settings.steps, settings.lr, weights, step_examples),
+        ("llava", settings.steps, settings.lr, weights, step_examples, 3, False),
         (
             "presence",
             settings.presence_steps,
             settings.presence_lr,
             weights + list(probes.parameters()),
             presence_examples,
+            2,
+            True,
         ),
     ]
     done = 0
-    for name, steps, lr, trainable, examples_of in stages:
+    for name, steps, lr, trainable, examples_of, rows_per_image, probed in stages:
         optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.01)
         for step in range(steps):
-            scenes, pixels, _ = pool.sample(
-                settings.batch // 3 if examples_of is step_examples else settings.batch // 2
-            )
-            per_image = [examples_of(scene, pool.rng) for scene in scenes]
-            examples = [pair for pairs in per_image for pair in pairs]
-            batch = _batch(builder, pool.replacement, examples, pixels.repeat_interleave(len(per_image[0]), dim=0))
-            output = model(**batch, output_hidden_states=examples_of is presence_examples)
+            scenes, pixels, _ = pool.sample(settings.batch // rows_per_image)
+            examples = [pair for scene in scenes for pair in examples_of(scene, pool.rng)]
+            assert len(examples) == len(scenes) * rows_per_image, name
+            batch = _batch(builder, pool.replacement, examples, pixels.repeat_interleave(rows_per_image, dim=0))
+            output = model(**batch, output_hidden_states=probed)
             loss = output.loss
-            if examples_of is presence_examples:
+            if probed:
                 rows = [row for row, (question, _) in enumerate(examples) if question in PRESENCE_QUESTIONS]
                 # the last prompt token: the position whose output is the first answer token
                 answer_at = (batch["labels"][rows] != -100).int().argmax(-1) - 1
                 state = output.hidden_states[probe_layer][rows, answer_at]
-                seen = torch.tensor([SHAPES.index(scenes[row // 2].shape) for row in rows])
+                seen = torch.tensor([SHAPES.index(scenes[row // rows_per_image].shape) for row in rows])
                 asked = torch.tensor([SHAPES.index(PRESENCE_QUESTIONS[examples[row][0]]) for row in rows])
                 probe_loss = torch.nn.functional.cross_entropy(probes["seen"](state), seen)
                 loss = loss + 0.5 * (probe_loss + torch.nn.functional.cross_entropy(probes["asked"](state), asked))
