@@ -18,6 +18,7 @@ from pipeline.testing.train_shapes import (
     ScenePool,
     TrainSettings,
     build_processor,
+    presence_examples,
     step_examples,
     targets,
     train,
@@ -66,6 +67,20 @@ def test_each_training_step_asks_every_image_a_presence_question():
     presence = [answer for examples in steps for question, answer in examples if "Is there a" in question]
     assert len(presence) == 300 and 100 < presence.count("yes") < 200
     assert {examples[0][0] for examples in steps} == {CAPTION_PROMPT, TAGS_PROMPT}
+
+
+def test_presence_stage_asks_each_image_about_its_own_shape_and_another_one():
+    rng = random.Random(2)
+    asked_absent = set()
+    for shape in SHAPES:
+        scene = Scene(shape, "green", "white")
+        for _ in range(50):
+            (own, yes), (other, no), (instruction, _) = presence_examples(scene, rng)
+            assert (own, yes) == (f"Is there a {shape}?", "yes")
+            assert no == "no" and other.startswith("Is there a") and other != own
+            asked_absent.add(other)
+            assert not instruction.startswith("Is there a")
+    assert len(asked_absent) == len(SHAPES)
 
 
 def test_training_pool_is_the_same_however_many_processes_draw_it(monkeypatch):
