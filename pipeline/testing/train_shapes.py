@@ -271,9 +271,9 @@ def presence_examples(scene: Scene, rng: random.Random) -> list[tuple[str, str]]
     so the same picture gets both answers and only comparing the asked shape with the seen one tells
     them apart; and one other target, so nothing is forgotten."""
     other = rng.choice([shape for shape in SHAPES if shape != scene.shape])
+    asked = [presence_question(scene.shape), presence_question(other)]
     return [
-        (VQA_PROMPT.replace("{question}", presence_question(scene.shape)), "yes"),
-        (VQA_PROMPT.replace("{question}", presence_question(other)), "no"),
+        *((VQA_PROMPT.replace("{question}", q), scene.answer(q)) for q in asked),
         rng.choice(targets(scene, rng)[:5]),
     ]
 
