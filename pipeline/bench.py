@@ -172,8 +172,9 @@ def _image_bytes(paths: list[Path], limit: int) -> list[bytes]:
 
 def _requests(processor, tasks, image_bytes: list[bytes]):
     """Model inputs exactly as the prepare stage builds them, kept in memory for the bare loop."""
+    from pipeline.generator import ImagePrompts
     from pipeline.images import decode_image
-    from pipeline.modeling import ImagePrompts, InputBuilder
+    from pipeline.inputs import InputBuilder
     from pipeline.prompts import prompts_for
 
     builder = InputBuilder(processor)
@@ -234,7 +235,8 @@ def _synchronize(torch) -> None:
 
 def _load_generator(model_dir: Path, options: BenchOptions):
     from pipeline.config import GenerationConfig, ModelConfig
-    from pipeline.modeling import Generator, load_processor
+    from pipeline.generator import Generator
+    from pipeline.inputs import load_processor
 
     config = ModelConfig(source=str(model_dir), device=options.device)
     processor = load_processor(str(model_dir), config)

@@ -161,25 +161,28 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _load(args: argparse.Namespace):
-    from pipeline.config import load_job
+    from pipeline.jobfile import load_job
 
     return load_job(args.job, inputs=args.input, output=args.output, model=args.model)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from pipeline.runner import run_job
+    from pipeline.plan import plan_job
 
     job = _load(args)
     if args.no_progress_bars:
         job = job.model_copy(update={"ray": job.ray.model_copy(update={"progress_bars": False})})
     if args.overwrite:
         job = job.model_copy(update={"output": job.output.model_copy(update={"mode": "overwrite"})})
-    return run_job(job).exit_code
+    plan = plan_job(job)  # every check that needs no Ray, so a bad job is answered before Ray or torch load
+    from pipeline.runner import run_plan
+
+    return run_plan(plan).exit_code
 
 
 def _retry_failed(args: argparse.Namespace) -> int:
+    from pipeline.plan import plan_retry_failed
     from pipeline.rows import REASONS
-    from pipeline.runner import retry_failed
 
     unknown = sorted(set(args.reason or ()) - set(REASONS))
     if unknown:
@@ -187,7 +190,10 @@ def _retry_failed(args: argparse.Namespace) -> int:
     job = _load(args)
     if args.no_progress_bars:
         job = job.model_copy(update={"ray": job.ray.model_copy(update={"progress_bars": False})})
-    return retry_failed(job, reasons=frozenset(args.reason) if args.reason else None).exit_code
+    plan = plan_retry_failed(job, frozenset(args.reason) if args.reason else None)
+    from pipeline.runner import run_plan
+
+    return run_plan(plan, command="retry-failed").exit_code
 
 
 def _validate(args: argparse.Namespace) -> int:

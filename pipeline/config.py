@@ -1,4 +1,4 @@
-"""The job spec: YAML parsed into strict pydantic models.
+"""The job spec as strict pydantic models (reading YAML and explaining errors: `pipeline.jobfile`).
 
 Every field has a default that is safe for an unattended nightly run, and a description that
 `llava-pipeline docs` renders into the README's configuration reference. Unknown keys are errors,
@@ -7,13 +7,10 @@ so a misspelt field stops the run instead of being silently ignored.
 
 from __future__ import annotations
 
-import os
 import re
 import typing
-from pathlib import Path
-from typing import Annotated, Literal, Mapping, Union
+from typing import Annotated, Literal, Union
 
-import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -22,13 +19,11 @@ from pydantic import (
     PlainSerializer,
     PlainValidator,
     SecretStr,
-    ValidationError,
     field_validator,
     model_validator,
 )
 
-from pipeline.errors import ConfigError
-from pipeline.storage import check_url
+from pipeline.urls import check_url
 
 # Stdlib string.Formatter would accept "{0}" or "{question.attr}"; only the one named slot is allowed.
 _QUESTION_SLOT = "{question}"
@@ -305,22 +300,69 @@ class DecodeConfig(StrictModel):
 
 
 class ReadStageConfig(StrictModel):
+    """The source stage: one Ray task per shard."""
+
     concurrency: int | None = Field(None, ge=1, description="Most shards read at once. Unset: Ray Data decides.")
     num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per read task.")
     rows_per_block: int = Field(
         64, ge=1, description="Samples per block handed downstream; smaller blocks start the model sooner."
     )
 
+    @property
+    def min_cpus(self) -> float:
+        """CPUs the stage holds while the run makes progress: one read task."""
+        return self.num_cpus
 
-class PrepareStageConfig(StrictModel):
+
+class ActorStageConfig(StrictModel):
+    """A stage run by a pool of actors: each keeps its state (a loaded processor or model) across batches."""
+
+    concurrency: Concurrency = Field(1, description="Actors: a fixed count, or `[min, max]` for an autoscaling pool.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per actor.")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per actor.")
+    batch_size: int = Field(16, ge=1, description="Rows per call.")
+    max_tasks_in_flight_per_actor: int | None = Field(
+        None,
+        ge=1,
+        description="Batches queued per actor so the next one is ready when the actor is. Unset: Ray's default.",
+    )
+
+    @property
+    def min_cpus(self) -> float:
+        """CPUs the stage holds before it can run at all: its minimum pool."""
+        low = self.concurrency if isinstance(self.concurrency, int) else self.concurrency[0]
+        return low * self.num_cpus
+
+    def ray_remote_args(self) -> dict[str, object]:
+        """Actor options beyond resources (restarts, task retries); none by default."""
+        return {}
+
+
+class TaskStageConfig(StrictModel):
+    """A stateless stage run as Ray tasks over whole blocks."""
+
+    concurrency: int | None = Field(None, ge=1, description="Most tasks at once. Unset: Ray Data decides.")
+    num_cpus: float = Field(0.25, gt=0, description="CPUs reserved per task.")
+
+    @property
+    def min_cpus(self) -> float:
+        return self.num_cpus
+
+
+class PrepareStageConfig(ActorStageConfig):
+    """Decoding images and building model inputs (CPU actors)."""
+
     concurrency: Concurrency = Field(
         (1, 8), description="Decode/preprocess actors: a fixed count, or `[min, max]` for an autoscaling pool."
     )
     num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per actor.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per actor (preprocessing runs on CPU).")
     batch_size: int = Field(16, ge=1, description="Samples per call.")
 
 
-class ModelStageConfig(StrictModel):
+class ModelStageConfig(ActorStageConfig):
+    """Generation (GPU actors)."""
+
     concurrency: Concurrency = Field(
         1, description="Model actors: a fixed count, or `[min, max]` for an autoscaling pool."
     )
@@ -332,11 +374,6 @@ class ModelStageConfig(StrictModel):
         "`OMP_NUM_THREADS` to the CPUs it reserved (at least 1), unless the environment sets it.",
     )
     batch_size: int = Field(8, ge=1, description="Images per generate call (each image asks every task).")
-    max_tasks_in_flight_per_actor: int | None = Field(
-        None,
-        ge=1,
-        description="Batches queued per actor so the next one is ready when the model is. Unset: Ray's default.",
-    )
     batch_timeout_s: float | None = Field(
         900.0,
         gt=0,
@@ -350,15 +387,28 @@ class ModelStageConfig(StrictModel):
         "the run fails.",
     )
 
+    def ray_remote_args(self) -> dict[str, object]:
+        # A dead model actor (killed, preempted, timed out) is restarted and its batch retried, a bounded
+        # number of times: a batch that kills every actor it touches must end the run, not loop forever.
+        return {"max_restarts": -1, "max_task_retries": self.max_batch_retries}
+
+
+class ParseStageConfig(TaskStageConfig):
+    """Turning the model's raw answers into captions, tags and question-answer pairs (Ray tasks)."""
+
 
 class StagesConfig(StrictModel):
-    """Ray Data resources per stage. CPU stages are separate from the model stage, so each scales on its own."""
+    """Ray Data resources per stage, in the order rows flow through them. Each stage scales on its own."""
 
     read: ReadStageConfig = Field(default_factory=ReadStageConfig, description="Reading tar shards (Ray tasks).")
     prepare: PrepareStageConfig = Field(
         default_factory=PrepareStageConfig, description="Decoding images and building model inputs (CPU actors)."
     )
     model: ModelStageConfig = Field(default_factory=ModelStageConfig, description="Generation (GPU actors).")
+    parse: ParseStageConfig = Field(
+        default_factory=ParseStageConfig,
+        description="Parsing answers into the `caption`, `tags` and `vqa` columns (Ray tasks).",
+    )
 
 
 class FailuresConfig(StrictModel):
@@ -441,136 +491,9 @@ class JobConfig(StrictModel):
         return getattr(self, section).storage or self.storage
 
 
-# Fields whose rejected values must never be echoed back: they may hold credentials.
-_SECRET_FIELDS = frozenset({"access_key_id", "secret_access_key", "session_token", "options"})
-
-
 def nested_model(annotation: object) -> type[BaseModel] | None:
     """The config model inside an annotation such as `StorageConfig | None`, if any."""
     for candidate in (annotation, *typing.get_args(annotation)):
         if isinstance(candidate, type) and issubclass(candidate, BaseModel):
             return candidate
     return None
-
-
-def _is_mapping(annotation: object) -> bool:
-    return any(typing.get_origin(a) is dict for a in (annotation, *typing.get_args(annotation)))
-
-
-def _field_location(loc: tuple[str | int, ...]) -> tuple[tuple[str | int, ...], type[BaseModel]]:
-    """The user's path to a field, without the tags pydantic adds for union members and validators,
-    and the model that holds its last key (for listing the allowed keys)."""
-    model: type[BaseModel] | None = JobConfig
-    holder: type[BaseModel] = JobConfig
-    path: list[str | int] = []
-    mapping_key_next = False
-    for part in loc:
-        if isinstance(part, int) or mapping_key_next:
-            path.append(part)
-            mapping_key_next = False
-            continue
-        if model is None:
-            continue  # a tag such as 'str' or 'function-after[...]' under a non-model field
-        holder = model
-        path.append(part)
-        if part in model.model_fields:
-            annotation = model.model_fields[part].annotation
-            model = nested_model(annotation)
-            mapping_key_next = _is_mapping(annotation)
-        else:
-            model = None  # a key the user wrote that this level does not have
-    return tuple(path), holder
-
-
-def _format_location(loc: tuple[str | int, ...]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += f".{part}" if out else str(part)
-    return out or "(top level)"
-
-
-def describe_validation_error(error: ValidationError, source: str) -> str:
-    """One line per bad field, named by its dotted path; union members' complaints merged into one."""
-    problems: dict[str, list[str]] = {}
-    for item in error.errors():
-        loc, holder = _field_location(tuple(item["loc"]))
-        where = _format_location(loc)
-        if item["type"] == "extra_forbidden":
-            message = f"unknown field (allowed here: {', '.join(holder.model_fields)})"
-        elif item["type"] == "missing":
-            message = "required field is missing"
-        else:
-            message = item["msg"].removeprefix("Value error, ")
-            shown = item.get("input")
-            secret = any(part in _SECRET_FIELDS for part in loc)
-            if shown is not None and not isinstance(shown, (dict, list)) and not secret:
-                message += f" (got {str(shown)[:80]!r})"
-        messages = problems.setdefault(where, [])
-        if message not in messages:
-            messages.append(message)
-    lines = [f"{source}: invalid job spec"]
-    for where, messages in problems.items():
-        lines.append(f"  {where}: {_merge_messages(messages)}")
-    return "\n".join(lines)
-
-
-def _merge_messages(messages: list[str]) -> str:
-    prefix = "Input should be a valid "
-    if len(messages) > 1 and all(m.startswith(prefix) for m in messages):
-        kinds = [m.removeprefix(prefix) for m in messages]
-        return f"{prefix}{', '.join(kinds[:-1])} or {kinds[-1]}"
-    return "; ".join(messages)
-
-
-def parse_job(raw: object, *, source: str = "job") -> JobConfig:
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"{source}: a job spec is a YAML mapping at the top level, got {type(raw).__name__}")
-    try:
-        return JobConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError(describe_validation_error(exc, source)) from None
-
-
-def load_job(
-    path: str | os.PathLike[str],
-    *,
-    inputs: list[str] | None = None,
-    output: str | None = None,
-    model: str | None = None,
-) -> JobConfig:
-    """Read a job spec and apply the CLI's nightly overrides before validating, so errors name the same fields."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read job spec {path}: {exc.strerror or exc}") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    if isinstance(raw, dict):
-        raw = _with_overrides(raw, inputs=inputs, output=output, model=model)
-    return parse_job(raw, source=str(path))
-
-
-def _with_overrides(
-    raw: dict[str, object], *, inputs: list[str] | None, output: str | None, model: str | None
-) -> dict[str, object]:
-    raw = dict(raw)
-
-    def section(name: str) -> dict[str, object]:
-        value = raw.get(name)
-        copy = dict(value) if isinstance(value, dict) else {}
-        raw[name] = copy
-        return copy
-
-    if inputs:
-        section("input")["urls"] = list(inputs)
-    if output:
-        section("output")["url"] = output
-    if model:
-        section("model")["source"] = model
-    return raw

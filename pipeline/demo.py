@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pyarrow.dataset as ds
 
-from pipeline.config import load_job
 from pipeline.errors import PipelineError
 from pipeline.evaluate import row_checks
+from pipeline.jobfile import load_job
 from pipeline.runner import run_job
 from pipeline.testing import images as tricky
 from pipeline.testing.s3_server import local_s3

@@ -21,7 +21,8 @@ from filelock import FileLock
 
 from pipeline.config import ModelConfig, StorageConfig
 from pipeline.errors import ConfigError
-from pipeline.storage import describe_storage_error, filesystem, protocol_of
+from pipeline.storage import describe_storage_error, filesystem
+from pipeline.urls import protocol_of
 
 # What a CPU preprocessing worker needs: everything but the weights.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".onnx", ".ckpt")

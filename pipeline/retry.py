@@ -14,8 +14,9 @@ import logging
 import random
 import re
 import time
-from dataclasses import dataclass
 from typing import Callable, TypeVar
+
+from pipeline.config import RetryConfig
 
 log = logging.getLogger(__name__)
 
@@ -76,22 +77,9 @@ _TRANSIENT_NAMES = frozenset(
 _STATUS_IN_TEXT = re.compile(r"\b(?:status(?: code)?|HTTP)[ :=]*(\d{3})\b", re.IGNORECASE)
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
-    attempts: int = 6
-    initial_backoff_s: float = 0.5
-    max_backoff_s: float = 20.0
-
-    @classmethod
-    def from_config(cls, config) -> "RetryPolicy":
-        """From the job's `retries` section (`pipeline.config.RetryConfig`)."""
-        return cls(
-            attempts=config.attempts, initial_backoff_s=config.initial_backoff_s, max_backoff_s=config.max_backoff_s
-        )
-
-    def backoff(self, retry: int) -> float:
-        """Full jitter (AWS's recommendation): uniform in [0, min(max, initial * 2**retry)]."""
-        return random.uniform(0, min(self.max_backoff_s, self.initial_backoff_s * (2**retry)))
+def backoff(retries: RetryConfig, retry: int) -> float:
+    """Full jitter (AWS's recommendation): uniform in [0, min(max, initial * 2**retry)]."""
+    return random.uniform(0, min(retries.max_backoff_s, retries.initial_backoff_s * (2**retry)))
 
 
 def error_chain(error: BaseException) -> list[BaseException]:
@@ -140,22 +128,22 @@ def is_transient(error: BaseException) -> bool:
     return False
 
 
-def with_retries(operation: Callable[[], T], policy: RetryPolicy, what: str, *, on_retry=None) -> T:
-    """Run `operation`, retrying transient errors up to `policy.attempts` tries in all."""
-    for attempt in range(1, policy.attempts + 1):
+def with_retries(operation: Callable[[], T], retries: RetryConfig, what: str, *, on_retry=None) -> T:
+    """Run `operation`, retrying transient errors up to `retries.attempts` tries in all (the job's `retries`)."""
+    for attempt in range(1, retries.attempts + 1):
         try:
             return operation()
         except Exception as exc:
-            if attempt == policy.attempts or not is_transient(exc):
+            if attempt == retries.attempts or not is_transient(exc):
                 raise
-            wait = policy.backoff(attempt - 1)
+            wait = backoff(retries, attempt - 1)
             log.warning(
                 "%s: transient %s (%s); try %d of %d in %.1f s",
                 what,
                 type(exc).__name__,
                 str(exc).splitlines()[0][:200] if str(exc) else "",
                 attempt + 1,
-                policy.attempts,
+                retries.attempts,
                 wait,
             )
             if on_retry is not None:

@@ -33,13 +33,19 @@ MODEL_INPUTS = "_model_inputs"
 PROMPT_IDS = "_prompt_ids"
 PROMPT_TASKS = "_prompt_tasks"
 QUESTIONS = "_questions"
+ANSWERS = "_answers"
 
-STAGES = ("read", "prepare", "model")
+_SECONDS_PREFIX = "_seconds_"
 
 
 def seconds_column(stage: str) -> str:
     """Per-row share of a stage's busy time; summed by the driver into the run's per-stage time."""
-    return f"_seconds_{stage}"
+    return f"{_SECONDS_PREFIX}{stage}"
+
+
+def stages_timed(table: pa.Table) -> list[str]:
+    """The stages whose busy time these rows carry, in the order they ran."""
+    return [name[len(_SECONDS_PREFIX) :] for name in table.column_names if name.startswith(_SECONDS_PREFIX)]
 
 
 SHARD_OK = "ok"

@@ -1,8 +1,9 @@
 """Running a job: plan it (see `pipeline.plan`), then stream its shards through Ray Data.
 
-`run_job` joins or starts a Ray cluster and builds the dataset: read tasks -> prepare actors
-(CPU) -> model actors (GPU) -> the driver, which commits one Parquet file per finished shard,
-keeps the run's counters and writes the summary.
+`run_plan` joins or starts a Ray cluster and builds the dataset from the declared stages
+(`pipeline.stages.STAGES`: read tasks -> prepare actors (CPU) -> model actors (GPU) -> parse
+tasks), then drives it: the driver commits one Parquet file per finished shard through the output
+layout, keeps the run's counters and writes the summary.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import logging
 import os
 import re
 import time
-import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -20,20 +20,18 @@ from typing import Iterator
 
 import ray
 import ray.data
-from ray.data import ActorPoolStrategy
 
 from pipeline import faults, rows
 from pipeline.config import JobConfig
 from pipeline.errors import PipelineError
+from pipeline.layout import OutputLayout
 from pipeline.plan import Plan, check_cluster_fits, plan_job, plan_retry_failed
-from pipeline.retry import RetryPolicy, error_chain, with_retries
+from pipeline.retry import error_chain
 from pipeline.schema import load_schema
-from pipeline.stages.generate import GenerateSpec, GenerateStage
-from pipeline.stages.prepare import PrepareSpec, PrepareStage
-from pipeline.stages.read import ReadSpec, WebDatasetShards
-from pipeline.storage import describe_storage_error, filesystem, join
-from pipeline.summary import RunStats, build_summary, render_summary, summary_json
-from pipeline.writer import RUNS_DIR, Patch, ShardCommitter, ShardResult
+from pipeline.stages import STAGES
+from pipeline.storage import describe_storage_error
+from pipeline.summary import RunOutcome, RunStats, build_summary, render_summary, summary_json
+from pipeline.writer import ShardCommitter, ShardResult
 
 log = logging.getLogger(__name__)
 
@@ -77,87 +75,12 @@ def connect_ray(job: JobConfig) -> bool:
     return True
 
 
-def _actor_pool(concurrency: int | tuple[int, int], max_tasks_in_flight: int | None = None):
-    if isinstance(concurrency, int):
-        return ActorPoolStrategy(size=concurrency, max_tasks_in_flight_per_actor=max_tasks_in_flight)
-    low, high = concurrency
-    return ActorPoolStrategy(min_size=low, max_size=high, max_tasks_in_flight_per_actor=max_tasks_in_flight)
-
-
-def _map_stage(dataset, stage_class, spec, **resources):
-    """Add a stage: its class and typed spec, Arrow batches in and out, one row out per row in."""
-    drill = faults.forwarded_environment()
-    if drill:  # per stage, so a fault drill reaches workers of a cluster this driver only joined
-        resources["runtime_env"] = {"env_vars": drill}
-    with warnings.catch_warnings():
-        # Ray 2.60 has named parameters for resources but none yet for actor restarts and task retries,
-        # which still travel as ray_remote_args (and warn that this will change in 2.64).
-        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        return dataset.map_batches(
-            stage_class,
-            fn_constructor_kwargs={"spec": spec},
-            batch_format="pyarrow",
-            udf_modifying_row_count=False,
-            **resources,
-        )
-
-
 def build_dataset(plan: Plan):
-    job = plan.job
-    stages = job.stages
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = job.ray.progress_bars
-
-    dataset = ray.data.read_datasource(
-        WebDatasetShards(
-            ReadSpec(
-                shards=tuple(plan.shards),
-                storage=plan.input_storage,
-                image_extensions=tuple(job.input.image_extensions),
-                metadata_extension=job.input.metadata_extension,
-                rows_per_block=stages.read.rows_per_block,
-                retry_policy=plan.retry_policy,
-                selection=plan.selection,
-            )
-        ),
-        override_num_blocks=len(plan.shards),
-        concurrency=stages.read.concurrency,
-        num_cpus=stages.read.num_cpus,
-    )
-    dataset = _map_stage(
-        dataset,
-        PrepareStage,
-        PrepareSpec(
-            model=plan.model,
-            model_config=job.model,
-            tasks=job.tasks,
-            max_image_pixels=job.decode.max_image_pixels,
-        ),
-        batch_size=stages.prepare.batch_size,
-        compute=_actor_pool(stages.prepare.concurrency),
-        num_cpus=stages.prepare.num_cpus,
-    )
-    dataset = _map_stage(
-        dataset,
-        GenerateStage,
-        GenerateSpec(
-            model=plan.model,
-            model_config=job.model,
-            generation=job.generation,
-            tasks=job.tasks,
-            vocabulary=plan.vocabulary,
-            batch_size=stages.model.batch_size,
-            batch_timeout_s=stages.model.batch_timeout_s,
-        ),
-        batch_size=stages.model.batch_size,
-        compute=_actor_pool(stages.model.concurrency, stages.model.max_tasks_in_flight_per_actor),
-        num_cpus=stages.model.num_cpus,
-        num_gpus=stages.model.num_gpus or None,
-        # A dead model actor (killed, preempted, timed out) is restarted and its batch retried, a bounded
-        # number of times: a batch that kills every actor it touches must end the run, not loop forever.
-        max_restarts=-1,
-        max_task_retries=stages.model.max_batch_retries,
-    )
+    """The run's dataset: each declared stage applied in turn, the read stage first."""
+    ray.data.DataContext.get_current().enable_progress_bars = plan.job.ray.progress_bars
+    dataset = None
+    for stage in STAGES:
+        dataset = stage.add_to(dataset, plan)
     return dataset
 
 
@@ -277,45 +200,38 @@ def run_plan(plan: Plan, *, echo=print, command: str = "run") -> RunResult:
         else f"{len(plan.shards)} shard(s)" + (f" ({len(plan.skipped)} already committed)" if plan.skipped else "")
     )
     echo(f"{command} {plan.run_id}: {what} -> {job.output.url} with {job.model.source} ({', '.join(plan.tasks)})")
-    fs, root = filesystem(job.output.url, plan.output_storage)
     committer = ShardCommitter(
-        fs=fs,
-        root=root,
+        layout=plan.output,
         shards=plan.shards,
         schema=load_schema(),
         constants={"model": job.model.source, "settings": plan.settings, "run_id": plan.run_id},
         run_id=plan.run_id,
         compression=job.output.compression,
         settings_digest=plan.settings_digest,
-        retry_policy=plan.retry_policy,
-        patches={s.url: Patch(existing_path=join(root, f"{s.name}.parquet")) for s in plan.shards}
-        if plan.selection is not None
-        else None,
+        patch=plan.selection is not None,
     )
 
     with ray_cluster(job):
         status, error, exit_code = _stream(plan, committer, stats, echo)
+    shards = list(committer.results.values())
     if status == "completed":
-        breach = _failure_limits_breached(job, stats, list(committer.results.values()))
+        breach = _failure_limits_breached(job, stats, shards)
         if breach:
             status, error, exit_code = "failed", breach, 1
 
     summary = build_summary(
-        job_name=job.name,
-        run_id=plan.run_id,
-        started_at=started_at,
-        stats=stats,
-        shards=list(committer.results.values()),
-        output_url=job.output.url,
-        model=job.model.source,
-        tasks=plan.tasks,
-        status=status,
-        error=error,
-        skipped_shards=len(plan.skipped),
-        duplicates_dropped=committer.duplicates,
-        command=command,
+        RunOutcome(
+            plan=plan,
+            command=command,
+            started_at=started_at,
+            stats=stats,
+            shards=shards,
+            duplicates_dropped=committer.duplicates,
+            status=status,
+            error=error,
+        )
     )
-    summary_url = _write_summary(fs, root, job.output.url, plan.run_id, summary, plan.retry_policy)
+    summary_url = _write_summary(plan.output, plan.run_id, summary)
     echo(render_summary(summary, summary_url))
     return RunResult(summary=summary, summary_url=summary_url, exit_code=exit_code)
 
@@ -355,20 +271,16 @@ def _failure_limits_breached(job: JobConfig, stats: RunStats, shards: list[Shard
     return "; and ".join(reasons) or None
 
 
-def _write_summary(fs, root: str, url: str, run_id: str, summary: dict[str, object], policy: RetryPolicy) -> str | None:
-    path = join(root, RUNS_DIR, f"{run_id}.json")
-
-    def write() -> None:
-        fs.makedirs(join(root, RUNS_DIR), exist_ok=True)
-        with fs.open(path, "wb") as handle:
-            handle.write(summary_json(summary).encode())
-
+def _write_summary(output: OutputLayout, run_id: str, summary: dict[str, object]) -> str | None:
     try:
-        with_retries(write, policy, f"writing {path}")
+        return output.write_summary(run_id, summary_json(summary))
     except Exception as exc:
-        log.error("could not write the run summary to %s: %s", path, describe_storage_error(exc, url))
+        log.error(
+            "could not write the run summary to %s: %s",
+            output.summary_url(run_id),
+            describe_storage_error(exc, output.url, output.storage),
+        )
         return None
-    return join(url, RUNS_DIR, f"{run_id}.json")
 
 
 class _Progress:

@@ -16,7 +16,8 @@ import braceexpand
 
 from pipeline.config import StorageConfig
 from pipeline.errors import ConfigError
-from pipeline.storage import describe_storage_error, filesystem, protocol_of
+from pipeline.storage import describe_storage_error, filesystem
+from pipeline.urls import protocol_of
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar")

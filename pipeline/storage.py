@@ -1,4 +1,4 @@
-"""fsspec URLs: validation, filesystem construction and readable storage errors.
+"""Object storage: fsspec filesystems from a `StorageConfig`, and readable storage errors.
 
 The driver resolves every setting that comes from its own environment (the S3 endpoint) into the
 `StorageConfig` it ships to workers, so a worker on another node talks to the same store.
@@ -8,55 +8,17 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import TYPE_CHECKING
 
 import fsspec
-from fsspec.core import split_protocol
 
-if TYPE_CHECKING:
-    from pipeline.config import StorageConfig
+from pipeline.config import StorageConfig
+from pipeline.urls import protocol_of
 
 # Protocols that name the same store; outputs and shard names use the first spelling.
 _S3_PROTOCOLS = ("s3", "s3a")
-_READ_ONLY_PROTOCOLS = ("http", "https")
 
 
-def protocol_of(url: str) -> str:
-    protocol, _ = split_protocol(url)
-    return protocol or "file"
-
-
-def check_url(url: str, *, writable: bool = False) -> str:
-    """Reject URLs no installed fsspec backend can serve, naming the package that would."""
-    if not url or not url.strip():
-        raise ValueError("URL is empty")
-    protocol = protocol_of(url)
-    if writable and protocol in _READ_ONLY_PROTOCOLS:
-        raise ValueError(f"{protocol}:// is read-only; outputs need a writable store such as s3:// or a local path")
-    try:
-        fsspec.get_filesystem_class(protocol)
-    except ValueError:
-        known = ", ".join(sorted(p for p in _COMMON_PROTOCOLS if _importable(p)))
-        raise ValueError(
-            f"unsupported URL scheme {protocol!r} in {url!r} (supported: {known}, or a local path)"
-        ) from None
-    except ImportError as exc:
-        raise ValueError(f"URL scheme {protocol!r} needs a package that is not installed: {exc}") from None
-    return url
-
-
-_COMMON_PROTOCOLS = {"file", "s3", "s3a", "gs", "gcs", "abfs", "az", "http", "https", "hf", "memory"}
-
-
-def _importable(protocol: str) -> bool:
-    try:
-        fsspec.get_filesystem_class(protocol)
-    except (ImportError, ValueError):
-        return False
-    return True
-
-
-def resolve_storage(storage: "StorageConfig") -> "StorageConfig":
+def resolve_storage(storage: StorageConfig) -> StorageConfig:
     """Pin settings the driver takes from its environment, so remote workers use the same endpoint.
 
     The endpoint only ever applies to s3:// URLs (see `fsspec_options`), so pinning it is harmless
@@ -69,7 +31,7 @@ def resolve_storage(storage: "StorageConfig") -> "StorageConfig":
     return storage
 
 
-def fsspec_options(storage: "StorageConfig", url: str) -> dict[str, object]:
+def fsspec_options(storage: StorageConfig, url: str) -> dict[str, object]:
     """Keyword arguments for the URL's fsspec filesystem. Holds secrets: never log the result."""
     options: dict[str, object] = dict(storage.options)
     if protocol_of(url) not in _S3_PROTOCOLS:
@@ -90,7 +52,7 @@ def fsspec_options(storage: "StorageConfig", url: str) -> dict[str, object]:
     return options
 
 
-def filesystem(url: str, storage: "StorageConfig") -> tuple[fsspec.AbstractFileSystem, str]:
+def filesystem(url: str, storage: StorageConfig) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem serving `url` and the path within it."""
     fs, path = fsspec.core.url_to_fs(url, **fsspec_options(storage, url))
     return fs, path
@@ -100,7 +62,7 @@ def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
 
 
-def describe_storage_error(exc: BaseException, url: str, storage: "StorageConfig | None" = None) -> str:
+def describe_storage_error(exc: BaseException, url: str, storage: StorageConfig | None = None) -> str:
     """One line a user can act on, for errors met while listing or opening `url`."""
     endpoint = storage.endpoint_url if storage is not None else None
     where = f"{url}" + (f" (endpoint {endpoint})" if endpoint else "")

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import rows
+from pipeline.plan import Plan
 from pipeline.writer import ShardResult
 
 
@@ -36,10 +37,8 @@ class RunStats:
     model_calls: dict[int, list[float]] = field(default_factory=dict)
 
     def observe(self, table: pa.Table) -> None:
-        for stage in rows.STAGES:
-            column = rows.seconds_column(stage)
-            if column in table.column_names:
-                self.stage_seconds[stage] += pc.sum(table.column(column)).as_py() or 0.0
+        for stage in rows.stages_timed(table):
+            self.stage_seconds[stage] += pc.sum(table.column(rows.seconds_column(stage))).as_py() or 0.0
         self._observe_model_calls(table)
         samples = table.filter(pc.equal(table.column(rows.RECORD), rows.SAMPLE))
         if not samples.num_rows:
@@ -81,40 +80,40 @@ class RunStats:
         return time.monotonic() - self.started
 
 
-def build_summary(
-    *,
-    job_name: str,
-    run_id: str,
-    started_at: datetime,
-    stats: RunStats,
-    shards: list[ShardResult],
-    output_url: str,
-    model: str,
-    tasks: list[str],
-    status: str,
-    error: str | None = None,
-    skipped_shards: int = 0,
-    duplicates_dropped: int = 0,
-    command: str = "run",
-) -> dict[str, object]:
+@dataclass
+class RunOutcome:
+    """Everything a run's summary is made of: the plan it followed and what happened."""
+
+    plan: Plan
+    command: str
+    started_at: datetime
+    stats: RunStats
+    shards: list[ShardResult]
+    duplicates_dropped: int
+    status: str
+    error: str | None = None
+
+
+def build_summary(outcome: RunOutcome) -> dict[str, object]:
+    stats, shards, job = outcome.stats, outcome.shards, outcome.plan.job
     wall = stats.elapsed
     by_status = Counter(r.status or "unfinished" for r in shards)
     stages = {}
-    for stage in rows.STAGES:
+    for stage in stats.stage_seconds:
         errors = {r: n for r, n in sorted(stats.failed_by_reason.items()) if rows.REASONS.get(r, ("?",))[0] == stage}
         stages[stage] = {"busy_seconds": round(stats.stage_seconds[stage], 3), "errors_by_reason": errors}
     return {
-        "job": job_name,
-        "run_id": run_id,
-        "command": command,
-        "status": status,
-        "error": error,
-        "started_at": started_at.isoformat(),
+        "job": job.name,
+        "run_id": outcome.plan.run_id,
+        "command": outcome.command,
+        "status": outcome.status,
+        "error": outcome.error,
+        "started_at": outcome.started_at.isoformat(),
         "finished_at": datetime.now(timezone.utc).isoformat(),
         "wall_seconds": round(wall, 3),
-        "model": model,
-        "tasks": tasks,
-        "output": output_url,
+        "model": job.model.source,
+        "tasks": outcome.plan.tasks,
+        "output": job.output.url,
         "samples": {
             "read": stats.samples,
             "succeeded": stats.succeeded,
@@ -127,7 +126,7 @@ def build_summary(
             "partial": by_status.get(rows.SHARD_PARTIAL, 0),
             "failed": by_status.get(rows.SHARD_FAILED, 0),
             "unfinished": by_status.get("unfinished", 0),
-            "skipped_already_committed": skipped_shards,
+            "skipped_already_committed": len(outcome.plan.skipped),
             "problems": [
                 {"shard": r.shard.url, "status": r.status or "unfinished", "samples": r.expected, "error": r.error}
                 for r in shards
@@ -136,7 +135,7 @@ def build_summary(
             "outputs": [r.output_path for r in shards if r.output_path],
             "rows_replaced": sum(r.rows_replaced for r in shards),
         },
-        "duplicates_dropped": duplicates_dropped,
+        "duplicates_dropped": outcome.duplicates_dropped,
         "stream_restarts": stats.stream_restarts,
         "images_per_second": round(stats.samples / wall, 3) if wall > 0 else None,
         "seconds_to_first_row": round(stats.first_row_seconds, 3) if stats.first_row_seconds is not None else None,

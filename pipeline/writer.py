@@ -3,11 +3,12 @@
 Rows reach the driver in whatever order Ray Data finishes them, and a retried task or a restarted
 actor may deliver some twice. The committer keeps the first copy of each sample (by its position
 in the shard), buffers a shard's rows until its `shard_end` row has said how many samples it holds
-and that many have arrived, then commits it in three steps, each retried on transient errors:
+and that many have arrived, then commits it in three steps through the output layout
+(`pipeline.layout`), each retried on transient errors:
 
-1. write `_staging/<run_id>/<name>.parquet`;
-2. copy it to `<name>.parquet` (one PUT/copy: readers see the old file or the new one, never half);
-3. write `_done/<name>.json`, the shard's completion marker, last.
+1. stage it (`_staging/<run_id>/<name>.parquet`);
+2. copy it over `<name>.parquet` (one PUT/copy: readers see the old file or the new one, never half);
+3. write its completion marker (`_done/<name>.json`) last.
 
 A shard with a marker is finished: a rerun, a resumed run or tomorrow's incremental run skips it.
 A run killed between steps leaves at most a staged file (hidden: readers skip `_` paths) or a final
@@ -16,30 +17,19 @@ file without its marker, which the next run rewrites under the same name: nothin
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from pipeline import faults, rows
-from pipeline.retry import RetryPolicy, with_retries
+from pipeline.layout import OutputLayout
 from pipeline.schema import OutputSchema
 from pipeline.shards import Shard
-from pipeline.storage import join
 
 log = logging.getLogger(__name__)
-
-STAGING_DIR = "_staging"
-RUNS_DIR = "_runs"
-DONE_DIR = "_done"
-
-
-def marker_path(root: str, shard: Shard) -> str:
-    return join(root, DONE_DIR, f"{shard.name}.json")
 
 
 @dataclass
@@ -67,37 +57,29 @@ class ShardResult:
         return self.expected is not None and self.received >= self.expected
 
 
-@dataclass(frozen=True)
-class Patch:
-    """Retry-failed mode: the shard's committed rows, of which the arriving rows replace some."""
-
-    existing_path: str
-
-
 class ShardCommitter:
+    """Commits each shard once all its rows arrived. With `patch`, a shard's arriving rows (retry-failed)
+    replace, by key, the rows of its committed file instead of making a new one."""
+
     def __init__(
         self,
         *,
-        fs,
-        root: str,
+        layout: OutputLayout,
         shards: list[Shard],
         schema: OutputSchema,
         constants: dict[str, object],
         run_id: str,
         compression: str,
         settings_digest: str = "",
-        retry_policy: RetryPolicy | None = None,
-        patches: dict[str, Patch] | None = None,
+        patch: bool = False,
     ):
-        self.fs = fs
-        self.root = root.rstrip("/")
+        self.layout = layout
         self.schema = schema
         self.constants = constants
         self.run_id = run_id
         self.compression = None if compression == "none" else compression
         self.settings_digest = settings_digest
-        self.retry_policy = retry_policy or RetryPolicy()
-        self.patches = patches or {}
+        self.patch = patch
         self.results = {s.url: ShardResult(s) for s in shards}
         self.committed: list[ShardResult] = []
         self._ready: set[str] = set()
@@ -169,9 +151,6 @@ class ShardCommitter:
     def unfinished(self) -> list[ShardResult]:
         return [r for r in self.results.values() if not r.finished]
 
-    def _retry(self, operation, what: str):
-        return with_retries(operation, self.retry_policy, what)
-
     def _commit(self, result: ShardResult) -> None:
         if result.received != result.expected:
             raise RuntimeError(
@@ -181,31 +160,19 @@ class ShardCommitter:
             # No file and no marker: the next run tries the shard again.
             result.finished = True
             return
+        name = result.shard.name
         table = self._conform(result)
-        patch = self.patches.get(result.shard.url)
-        if patch is not None:
-            table, result.rows_replaced = self._patched(patch, table, result.shard.url)
-        final = join(self.root, f"{result.shard.name}.parquet")
-        staging = join(self.root, STAGING_DIR, self.run_id, f"{result.shard.name}.parquet")
-
-        def write_staged() -> None:
-            self.fs.makedirs(staging.rsplit("/", 1)[0], exist_ok=True)
-            with self.fs.open(staging, "wb") as sink:
-                pq.write_table(table, sink, compression=self.compression)
-
-        def publish() -> None:
-            self.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
-            self.fs.copy(staging, final)
-
-        self._retry(write_staged, f"staging {staging}")
+        if self.patch:
+            table, result.rows_replaced = self._patched(name, table, result.shard.url)
+        staged = self.layout.stage(self.run_id, name, table, self.compression)
         faults.inject("driver.commit")
-        self._retry(publish, f"committing {final}")
-        self._retry(lambda: self._write_marker(result, final, table), f"marking {result.shard.name} done")
+        final = self.layout.publish(staged, name)
+        self.layout.write_marker(name, self._marker(result, final, table))
         faults.inject("driver.committed")
         try:
-            self.fs.rm(staging)
+            self.layout.discard(staged)
         except Exception as exc:  # the staging prefix is removed at the end of the run anyway
-            log.debug("could not remove %s: %s", staging, exc)
+            log.debug("could not remove %s: %s", staged, exc)
         result.output_path = final
         result.rows_written = table.num_rows
         result.finished = True
@@ -213,11 +180,9 @@ class ShardCommitter:
         self.committed.append(result)
         log.debug("committed %s (%d rows)", final, table.num_rows)
 
-    def _write_marker(self, result: ShardResult, final: str, table: pa.Table) -> None:
-        path = marker_path(self.root, result.shard)
-        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    def _marker(self, result: ShardResult, final: str, table: pa.Table) -> dict[str, object]:
         failed = table.num_rows - (pc.sum(pc.is_null(table.column("error"))).as_py() or 0)
-        marker = {
+        marker: dict[str, object] = {
             "shard": result.shard.url,
             "output": final,
             "status": result.status,
@@ -228,23 +193,19 @@ class ShardCommitter:
             "settings_sha256": self.settings_digest,
             "committed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-        if result.shard.url in self.patches:
+        if self.patch:
             marker["rows_replaced"] = result.rows_replaced
-        with self.fs.open(path, "wb") as handle:
-            handle.write(json.dumps(marker, indent=2, sort_keys=True).encode())
+        return marker
 
-    def _patched(self, patch: Patch, retried: pa.Table, url: str) -> tuple[pa.Table, int]:
+    def _patched(self, name: str, retried: pa.Table, url: str) -> tuple[pa.Table, int]:
         """The committed rows with each retried sample's row put in its place, by key."""
-
-        def read_existing() -> pa.Table:
-            with self.fs.open(patch.existing_path, "rb") as handle:
-                return pq.read_table(handle)
-
-        existing = self._retry(read_existing, f"reading {patch.existing_path}").cast(retried.schema)
+        existing = self.layout.read_data(name).cast(retried.schema)
         position = {key: i for i, key in enumerate(existing.column("key").to_pylist())}
         missing = [key for key in retried.column("key").to_pylist() if key not in position]
         if missing:
-            raise RuntimeError(f"{patch.existing_path}: retried samples {missing[:3]} are not in the committed file")
+            raise RuntimeError(
+                f"{self.layout.data_path(name)}: retried samples {missing[:3]} are not in the committed file"
+            )
         replaced = pc.is_in(existing.column("key"), value_set=retried.column("key"))
         kept = existing.filter(pc.invert(replaced))
         order = [position[k] for k in kept.column("key").to_pylist()] + [
@@ -265,11 +226,8 @@ class ShardCommitter:
         return self.schema.conform(table, extra_metadata={"run_id": self.run_id, "shard": result.shard.url})
 
     def cleanup_staging(self) -> None:
-        staging = join(self.root, STAGING_DIR, self.run_id)
+        staging = self.layout.staging_dir(self.run_id)
         try:
-            if self.fs.exists(staging):
-                self.fs.rm(staging, recursive=True)
-        except FileNotFoundError:
-            pass
+            self.layout.discard(staging, recursive=True)
         except Exception as exc:
             log.warning("could not remove the staging prefix %s: %s", staging, exc)

@@ -1,11 +1,12 @@
-"""Model stage (GPU actors): every task for every image of a batch, in one actor call.
+"""Model stage (GPU actors): every task for every image of a batch, in one actor call; raw answers out.
 
 Images are sorted by prompt length, so a padded batch wastes little, and generated in chunks of at
 most `batch_size` images, each with all of its prompts: the vision tower and the shared prefix of an
 image's prompts run once per image (`Generator.generate_for_images`). A chunk that
 raises (out of memory included) is split in halves until the failing sample is alone; that sample
 becomes an error row and its neighbours keep their answers. A call that hangs past
-`batch_timeout_s` kills its own actor, so Ray retries the batch on a fresh one.
+`batch_timeout_s` kills its own actor, so Ray retries the batch on a fresh one. The answers leave as
+raw texts (`_answers`, one per prompt); the parse stage turns them into output columns.
 """
 
 from __future__ import annotations
@@ -16,84 +17,94 @@ import signal
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Iterator
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline import faults, rows
-from pipeline.config import GenerationConfig, ModelConfig, TasksConfig
+from pipeline.config import GenerationConfig, ModelConfig, ModelStageConfig, TasksConfig
+from pipeline.inputs import load_processor, unpack_arrays
 from pipeline.model_source import ModelSource, local_model_dir
-from pipeline.modeling import Generator, ImagePrompts, load_processor, unpack_arrays
-from pipeline.prompts import CAPTION, TAGS, VQA, parse_tags
+from pipeline.prompts import CAPTION, TAGS, VQA
+from pipeline.stages.base import Columns, MapStage, RowStage
 
 log = logging.getLogger(__name__)
 
-_VQA_TYPE = pa.list_(
-    pa.struct([pa.field("question", pa.string(), nullable=False), pa.field("answer", pa.string(), nullable=False)])
-)
-_DROPPED = [rows.MODEL_INPUTS, rows.PROMPT_IDS, rows.PROMPT_TASKS, rows.QUESTIONS]
 
+class GenerateStage(RowStage):
+    name = "model"
+    output_fields = (pa.field(rows.ANSWERS, pa.list_(pa.string())),)
+    consumes = (rows.MODEL_INPUTS, rows.PROMPT_IDS)
 
-@dataclass(frozen=True)
-class GenerateSpec:
-    model: ModelSource
-    model_config: ModelConfig
-    generation: GenerationConfig
-    tasks: TasksConfig
-    vocabulary: frozenset[str] | None
-    batch_size: int
-    batch_timeout_s: float | None = None
+    def __init__(
+        self,
+        model: ModelSource,
+        model_config: ModelConfig,
+        generation: GenerationConfig,
+        tasks: TasksConfig,
+        stage: ModelStageConfig,
+    ):
+        from pipeline.generator import Generator
 
-
-class GenerateStage:
-    def __init__(self, spec: GenerateSpec):
-        self.spec = spec
         faults.inject("model.load")
-        model_dir = local_model_dir(spec.model, files="all")
-        processor = load_processor(model_dir, spec.model_config)
-        self.generator = Generator(model_dir, spec.model_config, spec.generation, processor)
+        model_dir = local_model_dir(model, files="all")
+        self.generator = Generator(model_dir, model_config, generation, load_processor(model_dir, model_config))
+        self.batch_size = stage.batch_size
         self.max_new_tokens = {
-            CAPTION: spec.tasks.caption.max_new_tokens if spec.tasks.caption else 0,
-            TAGS: spec.tasks.tags.max_new_tokens if spec.tasks.tags else 0,
-            VQA: spec.tasks.vqa.max_new_tokens if spec.tasks.vqa else 0,
+            CAPTION: tasks.caption.max_new_tokens if tasks.caption else 0,
+            TAGS: tasks.tags.max_new_tokens if tasks.tags else 0,
+            VQA: tasks.vqa.max_new_tokens if tasks.vqa else 0,
         }
-        self.watchdog = _Watchdog(spec.batch_timeout_s) if spec.batch_timeout_s else None
+        self.watchdog = _Watchdog(stage.batch_timeout_s) if stage.batch_timeout_s else None
 
-    def __call__(self, table: pa.Table) -> pa.Table:
+    def select(self, table: pa.Table) -> pa.ChunkedArray:
+        """Every row the prepare stage gave prompts, even one that also recorded an error (bad metadata)."""
+        return pc.is_valid(table.column(rows.PROMPT_TASKS))
+
+    def annotate(self, table: pa.Table) -> pa.Table:
+        # One timestamp per model call: the summary's steady-state figures tell the calls apart by it.
+        now = datetime.now(timezone.utc)
+        return rows.set_column(table, "processed_at", pa.array([now] * table.num_rows, pa.timestamp("us", tz="UTC")))
+
+    def process(self, work: pa.Table) -> Columns:
         if self.watchdog is None:
-            return self._process(table)
-        with self.watchdog.watching(table.num_rows):
-            return self._process(table)
+            return self._generate(work)
+        with self.watchdog.watching(work.num_rows):
+            return self._generate(work)
 
-    def _process(self, table: pa.Table) -> pa.Table:
-        started = time.perf_counter()
-        tasks = table.column(rows.PROMPT_TASKS).to_pylist()
-        token_ids = table.column(rows.PROMPT_IDS).to_pylist()
-        inputs = table.column(rows.MODEL_INPUTS)
+    def _generate(self, work: pa.Table) -> Columns:
+        from pipeline.generator import ImagePrompts
 
-        work: list[tuple[int, ImagePrompts]] = []
+        tasks = work.column(rows.PROMPT_TASKS).to_pylist()
+        token_ids = work.column(rows.PROMPT_IDS).to_pylist()
+        inputs = work.column(rows.MODEL_INPUTS)
+
+        requests: list[tuple[int, ImagePrompts]] = []
         for row, row_tasks in enumerate(tasks):
             if not row_tasks:
                 continue
             limits = [self.max_new_tokens[task] for task in row_tasks]
-            work.append((row, ImagePrompts(unpack_arrays(inputs[row].as_py()), token_ids[row], limits)))
+            requests.append((row, ImagePrompts(unpack_arrays(inputs[row].as_py()), token_ids[row], limits)))
         # Images with equally long prompts (LLaVA-NeXT's image tokens vary per image) share a padded chunk.
-        work.sort(key=lambda w: len(w[1].token_ids[0]))
+        requests.sort(key=lambda r: len(r[1].token_ids[0]))
 
-        answers: dict[tuple[int, int], str | BaseException] = {}
-        for start in range(0, len(work), self.spec.batch_size):
-            chunk = work[start : start + self.spec.batch_size]
-            for (row, request), result in zip(chunk, self._generate_isolating([r for _, r in chunk])):
-                for slot in range(len(request.token_ids)):
-                    answers[(row, slot)] = result if isinstance(result, BaseException) else result[slot]
+        answers: list[object] = [[] for _ in tasks]
+        errors: list[str | None] = [None] * len(tasks)
+        reasons: list[str | None] = [None] * len(tasks)
+        for start in range(0, len(requests), self.batch_size):
+            chunk = requests[start : start + self.batch_size]
+            for (row, _), result in zip(chunk, self._generate_isolating([r for _, r in chunk])):
+                if isinstance(result, BaseException):
+                    answers[row] = None
+                    errors[row] = f"generation failed: {type(result).__name__}: {result}"
+                    reasons[row] = "out_of_memory" if _is_out_of_memory(result) else "generation_failed"
+                else:
+                    answers[row] = result
+        return {rows.ANSWERS: answers, "error": errors, "error_reason": reasons}
 
-        table = self._with_results(table, tasks, answers)
-        table = table.drop_columns([c for c in _DROPPED if c in table.column_names])
-        return rows.add_seconds(table, "model", time.perf_counter() - started)
-
-    def _generate_isolating(self, items: list[ImagePrompts]) -> list[list[str] | BaseException]:
+    def _generate_isolating(self, items: list) -> list[list[str] | BaseException]:
         """Every prompt's answer per image; an image whose generation fails alone gets the exception."""
         try:
             faults.inject("model.batch", batch=len(items))
@@ -107,53 +118,18 @@ class GenerateStage:
             half = len(items) // 2
             return self._generate_isolating(items[:half]) + self._generate_isolating(items[half:])
 
-    def _with_results(
-        self, table: pa.Table, tasks: list[list[str] | None], answers: dict[tuple[int, int], str | BaseException]
-    ) -> pa.Table:
-        questions = table.column(rows.QUESTIONS).to_pylist()
-        errors = table.column("error").to_pylist()
-        reasons = table.column("error_reason").to_pylist()
-        captions: list[str | None] = []
-        tags: list[list[str] | None] = []
-        vqa: list[list[dict[str, str]] | None] = []
-        tags_config = self.spec.tasks.tags
 
-        for row, row_tasks in enumerate(tasks):
-            caption = row_tags = row_vqa = None
-            if row_tasks is not None:
-                failures = [a for slot in range(len(row_tasks)) if isinstance(a := answers[(row, slot)], BaseException)]
-                if failures:
-                    message = f"generation failed: {type(failures[0]).__name__}: {failures[0]}"
-                    errors[row] = f"{errors[row]}; {message}" if errors[row] else message
-                    # the reason that explains the missing outputs
-                    reasons[row] = "out_of_memory" if _is_out_of_memory(failures[0]) else "generation_failed"
-                else:
-                    texts = [answers[(row, slot)] for slot in range(len(row_tasks))]
-                    by_task = list(zip(row_tasks, texts))
-                    if self.spec.tasks.caption is not None:
-                        caption = next(t for task, t in by_task if task == CAPTION)
-                    if tags_config is not None:
-                        raw = next(t for task, t in by_task if task == TAGS)
-                        row_tags = parse_tags(raw, max_tags=tags_config.max_tags, vocabulary=self.spec.vocabulary)
-                    if self.spec.tasks.vqa is not None:
-                        answered = [t for task, t in by_task if task == VQA]
-                        row_vqa = [{"question": q, "answer": a} for q, a in zip(questions[row], answered)]
-            captions.append(caption)
-            tags.append(row_tags)
-            vqa.append(row_vqa)
-
-        now = datetime.now(timezone.utc)
-        columns = {
-            "caption": pa.array(captions, pa.string()),
-            "tags": pa.array(tags, pa.list_(pa.string())),
-            "vqa": pa.array(vqa, _VQA_TYPE),
-            "error": pa.array(errors, pa.string()),
-            "error_reason": pa.array(reasons, pa.string()),
-            "processed_at": pa.array([now] * table.num_rows, pa.timestamp("us", tz="UTC")),
-        }
-        for name, values in columns.items():
-            table = rows.set_column(table, name, values)
-        return table
+MODEL = MapStage(
+    fn=GenerateStage,
+    section=lambda job: job.stages.model,
+    constructor_kwargs=lambda plan: {
+        "model": plan.model,
+        "model_config": plan.job.model,
+        "generation": plan.job.generation,
+        "tasks": plan.job.tasks,
+        "stage": plan.job.stages.model,
+    },
+)
 
 
 def _is_out_of_memory(error: BaseException) -> bool:

@@ -12,7 +12,7 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import pyarrow as pa
 from ray.data.block import BlockMetadata
@@ -20,10 +20,13 @@ from ray.data.datasource import Datasource, ReadTask
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from pipeline import rows
-from pipeline.config import StorageConfig
-from pipeline.retry import RetryPolicy, is_transient
+from pipeline.config import InputConfig, ReadStageConfig, RetryConfig, StorageConfig
+from pipeline.retry import backoff, is_transient
 from pipeline.shards import Shard
 from pipeline.storage import describe_storage_error, filesystem
+
+if TYPE_CHECKING:
+    from pipeline.plan import Plan
 
 log = logging.getLogger(__name__)
 
@@ -33,27 +36,56 @@ _GZIP_MAGIC = b"\x1f\x8b"
 
 
 @dataclass(frozen=True)
-class ReadSpec:
-    shards: tuple[Shard, ...]
+class ShardReader:
+    """What every read task needs: the job's typed sections, as they are."""
+
+    input: InputConfig
+    stage: ReadStageConfig
     storage: StorageConfig
-    image_extensions: tuple[str, ...]
-    metadata_extension: str | None
-    rows_per_block: int
-    retry_policy: RetryPolicy = RetryPolicy()
+    retries: RetryConfig = RetryConfig()
     # retry-failed: per shard URL, the keys of the only samples to emit (rows keep their tar position)
     selection: dict[str, frozenset[str]] | None = None
 
 
+class ReadStage:
+    """The source stage, declared like the others (`pipeline.stages.STAGES`): it starts the dataset."""
+
+    name = "read"
+
+    def add_to(self, dataset, plan: "Plan"):
+        import ray.data
+
+        assert dataset is None, "the read stage starts the dataset"
+        section = plan.job.stages.read
+        reader = ShardReader(
+            input=plan.job.input,
+            stage=section,
+            storage=plan.input_storage,
+            retries=plan.job.retries,
+            selection=plan.selection,
+        )
+        return ray.data.read_datasource(
+            WebDatasetShards(tuple(plan.shards), reader),
+            override_num_blocks=len(plan.shards),
+            concurrency=section.concurrency,
+            num_cpus=section.num_cpus,
+        )
+
+
+READ = ReadStage()
+
+
 class WebDatasetShards(Datasource):
-    def __init__(self, spec: ReadSpec):
+    def __init__(self, shards: tuple[Shard, ...], reader: ShardReader):
         super().__init__()
-        self._spec = spec
+        self._shards = shards
+        self._reader = reader
 
     def get_name(self) -> str:
         return "ReadWebDatasetShards"
 
     def estimate_inmemory_data_size(self) -> int | None:
-        sizes = [s.size for s in self._spec.shards]
+        sizes = [s.size for s in self._shards]
         return None if any(s is None for s in sizes) else int(sum(sizes))  # type: ignore[arg-type]
 
     def get_read_tasks(
@@ -62,11 +94,11 @@ class WebDatasetShards(Datasource):
         # One task per shard whatever `parallelism` says: the shard is the unit of retry, output and resume.
         return [
             ReadTask(
-                functools.partial(read_shard, shard, self._spec),
+                functools.partial(read_shard, shard, self._reader),
                 BlockMetadata(num_rows=None, size_bytes=shard.size, exec_stats=None, input_files=(shard.url,)),
                 schema=rows.READ_SCHEMA,
             )
-            for shard in self._spec.shards
+            for shard in self._shards
         ]
 
 
@@ -118,7 +150,7 @@ class _Block:
         return pa.Table.from_pydict(self.columns, schema=rows.READ_SCHEMA)
 
 
-def read_shard(shard: Shard, spec: ReadSpec) -> Iterator[pa.Table]:
+def read_shard(shard: Shard, reader: ShardReader) -> Iterator[pa.Table]:
     """Stream one shard's samples as blocks, then its `shard_end` row.
 
     A transient storage error (dropped connection, 503) reopens the shard and skips the samples
@@ -127,22 +159,22 @@ def read_shard(shard: Shard, spec: ReadSpec) -> Iterator[pa.Table]:
     cut by a transient error is read again whole on the next try.
     """
     started = time.perf_counter()
-    policy = spec.retry_policy
+    retries = reader.retries
     failures: list[str] = []
     count = 0  # samples emitted
     consumed = 0  # samples of the tar dealt with (emitted, or skipped by a retry-failed selection)
-    wanted = spec.selection.get(shard.url) if spec.selection is not None else None
+    wanted = reader.selection.get(shard.url) if reader.selection is not None else None
     block = _Block()
 
     def take(sample: dict[str, object], position: int) -> bool:
         nonlocal count
         if wanted is not None and str(sample["__key__"]) not in wanted:
             return False
-        block.add(**_sample_row(sample, shard.url, position, spec))
+        block.add(**_sample_row(sample, shard.url, position, reader.input))
         count += 1
         return True
 
-    for attempt in range(1, policy.attempts + 1):
+    for attempt in range(1, retries.attempts + 1):
         errors: list[tuple[Exception, str]] = []  # (error, its description)
         held: tuple[int, dict[str, object]] | None = None
         already = consumed
@@ -156,7 +188,7 @@ def read_shard(shard: Shard, spec: ReadSpec) -> Iterator[pa.Table]:
 
         truncated = False
         try:
-            fs, path = filesystem(shard.url, spec.storage)
+            fs, path = filesystem(shard.url, reader.storage)
             with fs.open(path, "rb") as raw:
                 stream = _TailTrackingReader(raw)
                 files = tar_file_expander([{"url": shard.url, "stream": stream}], handler=on_error)
@@ -166,18 +198,18 @@ def read_shard(shard: Shard, spec: ReadSpec) -> Iterator[pa.Table]:
                     if held is not None:
                         take(held[1], held[0])
                         consumed = held[0] + 1
-                        if len(block) >= spec.rows_per_block or block.bytes >= _MAX_BLOCK_BYTES:
+                        if len(block) >= reader.stage.rows_per_block or block.bytes >= _MAX_BLOCK_BYTES:
                             yield block.table()
                             block = _Block()
                     held = (position, sample)
                 if not errors:
                     truncated = stream.truncated()
         except Exception as exc:
-            errors.append((exc, describe_storage_error(exc, shard.url, spec.storage)))
+            errors.append((exc, describe_storage_error(exc, shard.url, reader.storage)))
 
-        if errors and attempt < policy.attempts and any(is_transient(e) for e, _ in errors):
+        if errors and attempt < retries.attempts and any(is_transient(e) for e, _ in errors):
             log.warning("%s: %s; reading it again from sample %d", shard.url, errors[0][1], consumed)
-            time.sleep(policy.backoff(attempt - 1))
+            time.sleep(backoff(retries, attempt - 1))
             continue  # the held sample is dropped: it may have been cut short
         if held is not None:
             take(held[1], held[0])
@@ -218,11 +250,11 @@ def _find_member(suffixes: list[str], extensions: tuple[str, ...]) -> str | None
     return None
 
 
-def _sample_row(sample: dict[str, object], shard_url: str, index: int, spec: ReadSpec) -> dict[str, object]:
+def _sample_row(sample: dict[str, object], shard_url: str, index: int, config: InputConfig) -> dict[str, object]:
     key = str(sample["__key__"])
     suffixes = [s for s in sample if not s.startswith("__")]
-    image_suffix = _find_member(suffixes, spec.image_extensions)
-    metadata_suffix = _find_member(suffixes, (spec.metadata_extension,)) if spec.metadata_extension else None
+    image_suffix = _find_member(suffixes, tuple(config.image_extensions))
+    metadata_suffix = _find_member(suffixes, (config.metadata_extension,)) if config.metadata_extension else None
     image = sample[image_suffix] if image_suffix else None
     metadata = sample[metadata_suffix] if metadata_suffix else None
 
@@ -239,6 +271,6 @@ def _sample_row(sample: dict[str, object], shard_url: str, index: int, spec: Rea
     }
     if image_suffix is None:
         found = ", ".join(suffixes) or "nothing"
-        row["error"] = f"no image member (looked for {', '.join(spec.image_extensions)}; found {found})"
+        row["error"] = f"no image member (looked for {', '.join(config.image_extensions)}; found {found})"
         row["error_reason"] = "no_image"
     return row

@@ -95,7 +95,7 @@ def _image_processor_class(name: str):
     the same `image_processor_type`, and asking for the first without torchvision only logs a warning."""
     import transformers
 
-    from pipeline.modeling import torchvision_available
+    from pipeline.inputs import torchvision_available
 
     return getattr(transformers, name if torchvision_available() else f"{name}Pil")
 

@@ -7,7 +7,7 @@ of eight colours, at a random position and size, on a background of another colo
 noise, mixed sizes and aspect ratios, and JPEG/PNG/WebP at varying quality.
 
 Targets use the pipeline's own prompts (the task defaults in `pipeline.config`), rendered and
-tokenized by `pipeline.modeling.InputBuilder` exactly as the prepare stage does at inference:
+tokenized by `pipeline.inputs.InputBuilder` exactly as the prepare stage does at inference:
 
   caption  "a red circle on a blue background"
   tags     "red, circle, blue background"
@@ -47,7 +47,7 @@ import torch
 
 from pipeline.config import CaptionTask, TagsTask, VqaTask
 from pipeline.images import decode_image
-from pipeline.modeling import InputBuilder
+from pipeline.inputs import InputBuilder
 from pipeline.testing.shards import (
     BACKGROUND_QUESTION,
     COLOR_QUESTION,

@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from pipeline.config import GenerationConfig, ModelConfig
-from pipeline.modeling import Generator, InputBuilder, PromptInput, load_processor
+from pipeline.generator import Generator, PromptInput
+from pipeline.inputs import InputBuilder, load_processor
 from pipeline.testing.tiny_llava import build_tiny_llava
 
 pytestmark = pytest.mark.gpu

@@ -143,7 +143,7 @@ def test_run_summary_is_written_next_to_the_outputs(s3, local_model_run):
     assert summary["shards"]["total"] == 3 and summary["shards"]["ok"] == 3
     assert summary["run_id"] == table.column("run_id")[0].as_py()
     assert summary["images_per_second"] > 0
-    assert set(summary["stages"]) == {"read", "prepare", "model"}
+    assert list(summary["stages"]) == ["read", "prepare", "model", "parse"]
     assert summary["stages"]["model"]["busy_seconds"] > 0
 
 

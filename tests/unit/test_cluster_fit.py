@@ -6,8 +6,8 @@ import logging
 
 import pytest
 
-from pipeline.config import parse_job
 from pipeline.errors import ConfigError
+from pipeline.jobfile import parse_job
 from pipeline.plan import check_cluster_fits
 
 
@@ -24,9 +24,12 @@ def job(**stages):
     )
 
 
-def test_default_stages_need_three_cpus_and_a_gpu():
-    check_cluster_fits(job(), {"CPU": 3, "GPU": 1}, local=True)
-    with pytest.raises(ConfigError, match="need 3 CPUs .* cluster has 2"):
+def test_default_stages_need_three_and_a_quarter_cpus_and_a_gpu():
+    # a read task (1), one prepare actor (1), one model actor (1) and a parse task (0.25)
+    check_cluster_fits(job(), {"CPU": 3.25, "GPU": 1}, local=True)
+    with pytest.raises(ConfigError, match="need 3.25 CPUs .* cluster has 3"):
+        check_cluster_fits(job(), {"CPU": 3, "GPU": 1}, local=True)
+    with pytest.raises(ConfigError, match="need 3.25 CPUs .* cluster has 2"):
         check_cluster_fits(job(), {"CPU": 2, "GPU": 1}, local=True)
     with pytest.raises(ConfigError, match="stages.model.num_gpus is 1 per model actor but the cluster has 0 GPU"):
         check_cluster_fits(job(), {"CPU": 8}, local=True)
@@ -36,9 +39,9 @@ def test_minimum_pool_sizes_count_not_maximums():
     fitting = job(
         prepare={"concurrency": [2, 32], "num_cpus": 1}, model={"concurrency": [1, 8], "num_gpus": 0, "num_cpus": 2}
     )
-    check_cluster_fits(fitting, {"CPU": 5}, local=True)
-    with pytest.raises(ConfigError, match="need 5 CPUs"):
-        check_cluster_fits(fitting, {"CPU": 4.5}, local=True)
+    check_cluster_fits(fitting, {"CPU": 5.25}, local=True)
+    with pytest.raises(ConfigError, match="need 5.25 CPUs"):
+        check_cluster_fits(fitting, {"CPU": 5}, local=True)
 
 
 def test_fractional_requests_fit_a_small_machine():
@@ -51,7 +54,7 @@ def test_fractional_requests_fit_a_small_machine():
 def test_remote_clusters_only_warn_because_they_may_autoscale(caplog):
     with caplog.at_level(logging.WARNING, logger="pipeline.runner"):
         check_cluster_fits(job(), {"CPU": 2}, local=False)
-    assert "GPU" in caplog.text and "need 3 CPUs" in caplog.text
+    assert "GPU" in caplog.text and "need 3.25 CPUs" in caplog.text
 
 
 def test_cuda_device_without_gpus_is_a_config_error():

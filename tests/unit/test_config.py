@@ -11,8 +11,9 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from pipeline.config import JobConfig, StorageConfig, load_job, parse_job
+from pipeline.config import JobConfig, StorageConfig
 from pipeline.errors import ConfigError
+from pipeline.jobfile import load_job, parse_job
 
 MINIMAL: dict[str, Any] = {
     "name": "nightly-captions",

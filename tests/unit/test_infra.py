@@ -15,7 +15,8 @@ import pytest
 import yaml
 
 from pipeline.cli import build_parser
-from pipeline.config import JobConfig, load_job
+from pipeline.config import JobConfig
+from pipeline.jobfile import load_job
 
 ROOT = Path(__file__).parents[2]
 MANIFESTS = ROOT / "infra" / "kuberay"

@@ -1,4 +1,4 @@
-"""Unit tests for pipeline.modeling on a tiny random-weight LLaVA checkpoint (CPU, float32)."""
+"""Unit tests for pipeline.inputs and pipeline.generator on a tiny random-weight LLaVA checkpoint (CPU, float32)."""
 
 from __future__ import annotations
 
@@ -13,17 +13,8 @@ from PIL import Image
 
 from pipeline.config import GenerationConfig, ModelConfig
 from pipeline.errors import ConfigError
-from pipeline.modeling import (
-    Generator,
-    InputBuilder,
-    PromptInput,
-    collate_images,
-    load_processor,
-    pack_arrays,
-    resolve_device,
-    resolve_dtype,
-    unpack_arrays,
-)
+from pipeline.generator import Generator, PromptInput, collate_images, resolve_device, resolve_dtype
+from pipeline.inputs import InputBuilder, load_processor, pack_arrays, unpack_arrays
 from pipeline.testing.tiny_llava import LLAVA_CHAT_TEMPLATE
 
 CAPTION = "Write a one-sentence caption for this image."

@@ -6,9 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import StorageConfig, parse_job
+from pipeline.config import RetryConfig, StorageConfig
 from pipeline.errors import ConfigError
-from pipeline.plan import _check_output, _load_vocabulary
+from pipeline.jobfile import parse_job
+from pipeline.layout import OutputLayout
+from pipeline.plan import _load_vocabulary
+
+
+def check_output(url: str, *, write_probe: bool) -> None:
+    OutputLayout(url, StorageConfig(), RetryConfig()).check_writable(write_probe=write_probe)
 
 
 def tags_job(vocabulary: str):
@@ -43,13 +49,13 @@ def test_empty_vocabulary_is_an_error(tmp_path: Path) -> None:
 
 def test_output_check_probes_a_writable_directory_and_leaves_nothing(tmp_path: Path) -> None:
     out = tmp_path / "new" / "out"
-    _check_output(str(out), StorageConfig(), write_probe=True)
+    check_output(str(out), write_probe=True)
     assert [p for p in out.rglob("*") if p.is_file()] == []
 
 
 def test_read_only_output_check_writes_nothing(tmp_path: Path) -> None:
     out = tmp_path / "new" / "out"
-    _check_output(str(out), StorageConfig(), write_probe=False)
+    check_output(str(out), write_probe=False)
     assert not out.exists()
 
 
@@ -57,4 +63,4 @@ def test_unwritable_output_is_a_config_error(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     with pytest.raises(ConfigError, match="output.url: cannot write under"):
-        _check_output(str(blocker / "out"), StorageConfig(), write_probe=True)
+        check_output(str(blocker / "out"), write_probe=True)

@@ -13,9 +13,9 @@ import pyarrow as pa
 import pytest
 
 from pipeline import rows
-from pipeline.config import StorageConfig
+from pipeline.config import InputConfig, ReadStageConfig, StorageConfig
 from pipeline.shards import Shard
-from pipeline.stages.read import ReadSpec, read_shard
+from pipeline.stages.read import ShardReader, read_shard
 from pipeline.testing.shards import write_shard
 
 
@@ -23,13 +23,13 @@ def spec(
     image_extensions: tuple[str, ...] = ("jpg", "jpeg", "png", "webp"),
     metadata_extension: str | None = "json",
     rows_per_block: int = 64,
-) -> ReadSpec:
-    return ReadSpec(
-        shards=(),
+) -> ShardReader:
+    return ShardReader(
+        input=InputConfig(
+            urls=["unused.tar"], image_extensions=list(image_extensions), metadata_extension=metadata_extension
+        ),
+        stage=ReadStageConfig(rows_per_block=rows_per_block),
         storage=StorageConfig(),
-        image_extensions=image_extensions,
-        metadata_extension=metadata_extension,
-        rows_per_block=rows_per_block,
     )
 
 
@@ -37,11 +37,11 @@ def shard_at(path: Path) -> Shard:
     return Shard(url=f"file://{path}", name=path.stem)
 
 
-def read_blocks(path: Path, read_spec: ReadSpec | None = None) -> list[pa.Table]:
+def read_blocks(path: Path, read_spec: ShardReader | None = None) -> list[pa.Table]:
     return list(read_shard(shard_at(path), read_spec or spec()))
 
 
-def read_rows(path: Path, read_spec: ReadSpec | None = None) -> list[dict[str, Any]]:
+def read_rows(path: Path, read_spec: ShardReader | None = None) -> list[dict[str, Any]]:
     return [r for block in read_blocks(path, read_spec) for r in block.to_pylist()]
 
 

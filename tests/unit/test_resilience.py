@@ -10,10 +10,10 @@ import pytest
 from ray.exceptions import ActorDiedError, ActorUnavailableError, NodeDiedError
 
 from pipeline import faults, rows
-from pipeline.config import JobConfig, StorageConfig
+from pipeline.config import InputConfig, JobConfig, ReadStageConfig, StorageConfig
 from pipeline.runner import _failure_limits_breached, is_cluster_fault
 from pipeline.shards import Shard
-from pipeline.stages.read import ReadSpec, read_shard
+from pipeline.stages.read import ShardReader, read_shard
 from pipeline.summary import RunStats
 from pipeline.testing.shards import write_shard
 from pipeline.writer import ShardResult
@@ -88,12 +88,10 @@ def test_selection_reads_only_chosen_samples_keeping_their_positions(tmp_path: P
     path = tmp_path / "s.tar"
     write_shard(path, [{"__key__": f"k{i}", "jpg": bytes([i + 1]) * 10} for i in range(6)])
     url = f"file://{path}"
-    spec = ReadSpec(
-        shards=(),
+    spec = ShardReader(
+        input=InputConfig(urls=[url], image_extensions=["jpg"], metadata_extension=None),
+        stage=ReadStageConfig(rows_per_block=2),
         storage=StorageConfig(),
-        image_extensions=("jpg",),
-        metadata_extension=None,
-        rows_per_block=2,
         selection={url: frozenset({"k1", "k4"})},
     )
     out = [r for block in read_shard(Shard(url=url, name="s"), spec) for r in block.to_pylist()]

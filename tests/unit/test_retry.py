@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
 
-from pipeline.retry import RetryPolicy, is_transient, with_retries
+from pipeline.config import RetryConfig
+from pipeline.retry import backoff, is_transient, with_retries
 
 
 def client_error(code: str, status: int) -> ClientError:
@@ -71,7 +72,7 @@ def test_with_retries_retries_transient_errors_then_succeeds() -> None:
             raise client_error("SlowDown", 503)
         return "done"
 
-    assert with_retries(flaky, RetryPolicy(attempts=5, initial_backoff_s=0.001, max_backoff_s=0.002), "op") == "done"
+    assert with_retries(flaky, RetryConfig(attempts=5, initial_backoff_s=0.001, max_backoff_s=0.002), "op") == "done"
     assert len(calls) == 3
 
 
@@ -83,7 +84,7 @@ def test_with_retries_gives_up_after_the_last_attempt() -> None:
         raise client_error("SlowDown", 503)
 
     with pytest.raises(ClientError):
-        with_retries(always_503, RetryPolicy(attempts=4, initial_backoff_s=0.001, max_backoff_s=0.001), "op")
+        with_retries(always_503, RetryConfig(attempts=4, initial_backoff_s=0.001, max_backoff_s=0.001), "op")
     assert len(calls) == 4
 
 
@@ -95,13 +96,13 @@ def test_with_retries_raises_permanent_errors_at_once() -> None:
         raise client_error("AccessDenied", 403)
 
     with pytest.raises(ClientError):
-        with_retries(denied, RetryPolicy(attempts=6, initial_backoff_s=0.001), "op")
+        with_retries(denied, RetryConfig(attempts=6, initial_backoff_s=0.001), "op")
     assert len(calls) == 1
 
 
 def test_backoff_is_jittered_below_an_exponential_cap() -> None:
-    policy = RetryPolicy(initial_backoff_s=0.5, max_backoff_s=4.0)
+    retries = RetryConfig(initial_backoff_s=0.5, max_backoff_s=4.0)
     for retry, cap in [(0, 0.5), (1, 1.0), (2, 2.0), (3, 4.0), (8, 4.0)]:
-        waits = [policy.backoff(retry) for _ in range(200)]
+        waits = [backoff(retries, retry) for _ in range(200)]
         assert all(0 <= w <= cap for w in waits)
         assert max(waits) > cap / 2  # spread over the range, not a constant

@@ -10,7 +10,7 @@ from pathlib import Path
 from PIL import Image
 
 from pipeline.config import ModelConfig
-from pipeline.modeling import InputBuilder, load_processor
+from pipeline.inputs import InputBuilder, load_processor
 from pipeline.testing.shards import COLORS, SHAPES, Scene
 from pipeline.testing.train_shapes import (
     CAPTION_PROMPT,

@@ -11,12 +11,14 @@ import pyarrow as pa
 import pytest
 
 from pipeline import rows
-from pipeline.config import GenerationConfig, ModelConfig, StorageConfig, TasksConfig
+from pipeline.config import DecodeConfig, GenerationConfig, ModelConfig, ModelStageConfig, StorageConfig, TasksConfig
+from pipeline.generator import ImagePrompts
 from pipeline.images import decode_image
+from pipeline.inputs import InputBuilder, load_processor, unpack_arrays
 from pipeline.model_source import ModelSource
-from pipeline.modeling import ImagePrompts, InputBuilder, load_processor, unpack_arrays
-from pipeline.stages.generate import GenerateSpec, GenerateStage
-from pipeline.stages.prepare import PrepareSpec, PrepareStage
+from pipeline.stages.generate import GenerateStage
+from pipeline.stages.parse import ParseStage, parse_answers
+from pipeline.stages.prepare import PrepareStage
 from pipeline.testing import images as tricky
 
 SHARD = "file:///data/shard-00000.tar"
@@ -61,26 +63,36 @@ def source(tiny_llava_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Mo
 
 @pytest.fixture(scope="module")
 def prepare(source: ModelSource, model_config: ModelConfig) -> PrepareStage:
-    return PrepareStage(PrepareSpec(model=source, model_config=model_config, tasks=TASKS, max_image_pixels=64_000_000))
+    return PrepareStage(model=source, model_config=model_config, tasks=TASKS, decode=DecodeConfig())
+
+
+class ModelThenParse:
+    """The model stage followed by the parse stage, as the dataset runs them."""
+
+    def __init__(self, model: GenerateStage, parse: ParseStage):
+        self.model = model
+        self.parse = parse
+        self.generator = model.generator
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        return self.parse(self.model(table))
 
 
 def generate_stage(
     source: ModelSource, model_config: ModelConfig, vocabulary: frozenset[str] | None = None, batch_size: int = 4
-) -> GenerateStage:
-    return GenerateStage(
-        GenerateSpec(
-            model=source,
-            model_config=model_config,
-            generation=GenerationConfig(),
-            tasks=TASKS,
-            vocabulary=vocabulary,
-            batch_size=batch_size,
-        )
+) -> ModelThenParse:
+    model = GenerateStage(
+        model=source,
+        model_config=model_config,
+        generation=GenerationConfig(),
+        tasks=TASKS,
+        stage=ModelStageConfig(batch_size=batch_size, num_gpus=0),
     )
+    return ModelThenParse(model, ParseStage(tasks=TASKS, vocabulary=vocabulary))
 
 
 @pytest.fixture(scope="module")
-def generate(source: ModelSource, model_config: ModelConfig) -> GenerateStage:
+def generate(source: ModelSource, model_config: ModelConfig) -> ModelThenParse:
     return generate_stage(source, model_config)
 
 
@@ -274,7 +286,7 @@ def prepared_batch(prepare: PrepareStage) -> pa.Table:
     )
 
 
-def test_generate_fills_outputs_for_prepared_rows_only(prepare: PrepareStage, generate: GenerateStage) -> None:
+def test_generate_fills_outputs_for_prepared_rows_only(prepare: PrepareStage, generate: ModelThenParse) -> None:
     before = datetime.now(timezone.utc)
     out = generate(prepared_batch(prepare))
     after = datetime.now(timezone.utc)
@@ -305,7 +317,7 @@ def test_generate_fills_outputs_for_prepared_rows_only(prepare: PrepareStage, ge
     assert out.schema.field("processed_at").type == pa.timestamp("us", tz="UTC")
 
 
-def test_generate_output_columns(prepare: PrepareStage, generate: GenerateStage) -> None:
+def test_generate_output_columns(prepare: PrepareStage, generate: ModelThenParse) -> None:
     out = generate(prepared_batch(prepare))
     for column in INTERNAL_MODEL_COLUMNS:
         assert column not in out.column_names
@@ -318,7 +330,7 @@ def test_generate_output_columns(prepare: PrepareStage, generate: GenerateStage)
     assert out.column(rows.SHARD_SAMPLES).to_pylist()[-1] == 5
 
 
-def test_generate_is_independent_of_batch_composition(prepare: PrepareStage, generate: GenerateStage) -> None:
+def test_generate_is_independent_of_batch_composition(prepare: PrepareStage, generate: ModelThenParse) -> None:
     together = generate(prepared_batch(prepare)).to_pylist()
     alone = generate(prepare(read_table(sample_row(4, green())))).to_pylist()
     for column in ("caption", "tags", "vqa"):
@@ -328,7 +340,7 @@ def test_generate_is_independent_of_batch_composition(prepare: PrepareStage, gen
 class EchoGenerator:
     """Stands in for Generator.generate_for_images: answers each prompt with text that names that prompt."""
 
-    def __init__(self, stage: GenerateStage, poison: list[int] | None = None):
+    def __init__(self, stage: ModelThenParse, poison: list[int] | None = None):
         self.tokenizer = stage.generator.tokenizer
         self.poison = poison
         self.calls: list[list[list[list[int]]]] = []  # per call, per image, that image's prompts
@@ -349,7 +361,7 @@ class EchoGenerator:
 
 
 def test_each_vqa_answer_is_paired_with_its_own_question(
-    prepare: PrepareStage, generate: GenerateStage, monkeypatch: pytest.MonkeyPatch
+    prepare: PrepareStage, generate: ModelThenParse, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     echo = EchoGenerator(generate)
     monkeypatch.setattr(generate.generator, "generate_for_images", echo)
@@ -432,3 +444,46 @@ def test_generation_failure_on_a_row_with_bad_metadata_keeps_both_messages(
     # The reason names what left the row without outputs; both messages are kept.
     assert row["error_reason"] == "generation_failed"
     assert (row["caption"], row["tags"], row["vqa"]) == (None, None, None)
+
+
+# --- the model stage's raw answers, and parsing them ------------------------------------------------
+
+
+def test_model_stage_hands_raw_answers_to_the_parse_stage(prepare: PrepareStage, generate: ModelThenParse) -> None:
+    prepared = prepared_batch(prepare)
+    raw = generate.model(prepared)
+    assert rows.ANSWERS in raw.column_names and "caption" not in raw.column_names
+    answers = raw.column(rows.ANSWERS).to_pylist()
+    tasks = prepared.column(rows.PROMPT_TASKS).to_pylist()
+    for row in (0, 1, 4):
+        assert len(answers[row]) == len(tasks[row]) and all(isinstance(a, str) for a in answers[row])
+    assert answers[2] is None and answers[3] is None and answers[5] is None
+    parsed = generate.parse(raw)
+    for column in (rows.ANSWERS, rows.PROMPT_TASKS, rows.QUESTIONS):
+        assert column not in parsed.column_names
+    assert rows.seconds_column("parse") in parsed.column_names
+    assert parsed.column("caption").to_pylist()[0] == answers[0][0]
+
+
+def test_parse_answers_maps_each_answer_to_its_task_on_literal_texts() -> None:
+    parsed = parse_answers(
+        TASKS,
+        ["caption", "tags", "vqa", "vqa"],
+        [JOB_QUESTION, "Is it red?"],
+        ["A red square.", "1. Red  2. Square, red; BLUE", "a square", "yes"],
+        vocabulary=None,
+    )
+    assert parsed.caption == "A red square."
+    assert parsed.tags == ["red", "square", "blue"]
+    assert parsed.vqa == [
+        {"question": JOB_QUESTION, "answer": "a square"},
+        {"question": "Is it red?", "answer": "yes"},
+    ]
+
+
+def test_parse_answers_leaves_tasks_the_job_does_not_run_empty() -> None:
+    vqa_only = TasksConfig(vqa={"sample_field": "questions"})
+    assert parse_answers(vqa_only, [], [], []) == type(parse_answers(vqa_only, [], [], []))(None, None, [])
+    captions = TasksConfig(caption={})
+    parsed = parse_answers(captions, ["caption"], [], ["A cat."], vocabulary=frozenset({"cat"}))
+    assert (parsed.caption, parsed.tags, parsed.vqa) == ("A cat.", None, None)

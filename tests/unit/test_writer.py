@@ -7,15 +7,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from pipeline import rows
+from pipeline.config import RetryConfig, StorageConfig
+from pipeline.layout import STAGING_DIR, OutputLayout
 from pipeline.schema import load_schema
 from pipeline.shards import Shard
-from pipeline.writer import STAGING_DIR, Patch, ShardCommitter
+from pipeline.writer import ShardCommitter
 
 SCHEMA = load_schema()
 CONSTANTS = {"model": "org/tiny-llava", "settings": '{"dtype": "float32"}', "run_id": "run-1"}
@@ -80,10 +81,13 @@ def batch(*row_dicts: dict[str, Any]) -> pa.Table:
     return pa.Table.from_pylist(list(row_dicts), schema=MODEL_OUTPUT_SCHEMA)
 
 
+def layout(tmp_path: Path) -> OutputLayout:
+    return OutputLayout(str(tmp_path / "out"), StorageConfig(), RetryConfig())
+
+
 def committer(tmp_path: Path, shards: list[Shard]) -> ShardCommitter:
     return ShardCommitter(
-        fs=fsspec.filesystem("file"),
-        root=str(tmp_path / "out"),
+        layout=layout(tmp_path),
         shards=shards,
         schema=SCHEMA,
         constants=dict(CONSTANTS),
@@ -264,7 +268,7 @@ def test_rerun_overwrites_the_same_file(tmp_path: Path) -> None:
 def test_compression_codec_is_applied(tmp_path: Path, compression: str, codec: str) -> None:
     shard = make_shard(tmp_path, "s")
     writer = ShardCommitter(
-        fs=fsspec.filesystem("file"), root=str(tmp_path / "out"), shards=[shard], schema=SCHEMA,
+        layout=layout(tmp_path), shards=[shard], schema=SCHEMA,
         constants=dict(CONSTANTS), run_id="run-1", compression=compression,
     )  # fmt: skip
     writer.add(batch(sample(shard, 0), shard_end(shard, 1)))
@@ -306,9 +310,8 @@ def test_patch_replaces_retried_rows_in_place(tmp_path: Path) -> None:
     )
     final = str(tmp_path / "out" / "s.parquet")
     retry = ShardCommitter(
-        fs=fsspec.filesystem("file"), root=str(tmp_path / "out"), shards=[shard], schema=SCHEMA,
-        constants={**CONSTANTS, "run_id": "run-2"}, run_id="run-2", compression="zstd",
-        patches={shard.url: Patch(existing_path=final)},
+        layout=layout(tmp_path), shards=[shard], schema=SCHEMA,
+        constants={**CONSTANTS, "run_id": "run-2"}, run_id="run-2", compression="zstd", patch=True,
     )  # fmt: skip
     # The retry reads only the failed samples: indexes 0 and 1 of the retry are samples 1 and 3.
     [done] = retry.add(

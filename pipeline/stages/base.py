@@ -1,0 +1,157 @@
+"""What a stage is: one declared thing, and the chores every stage repeats done once.
+
+A stage is declared once, in its own module, as a `MapStage`: its name, its callable class, which
+section of `stages:` in the job holds its Ray resources, and what its constructor is given from the
+plan. `pipeline.stages.STAGES` lists them in the order rows flow; the runner builds the dataset by
+looping over that list. Adding a stage is its module, its config section and one entry in that list.
+
+Every callable class derives from `RowStage`, which does what each stage would otherwise repeat:
+
+- it hands `process` only the rows the stage works on (by default, samples that no stage has
+  failed); every other row (error rows, `shard_end` rows) passes through untouched;
+- it merges what `process` returns back in place: new columns are null on passed-through rows, and
+  an error a stage reports is added to the row's `error` without losing an earlier one;
+- it drops the internal columns the stage consumed, so they stop travelling;
+- it stamps the batch's busy time on its rows (`_seconds_<stage>`), the counter the driver sums.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, ClassVar
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline import faults, rows
+from pipeline.config import ActorStageConfig, JobConfig, TaskStageConfig
+
+if TYPE_CHECKING:
+    from pipeline.plan import Plan
+
+# What `process` returns: one list per column, one value per row it was given. "error" and
+# "error_reason" values, where not None, fail the row (or add to its error).
+Columns = dict[str, list[object]]
+
+
+class RowStage:
+    """Base of every stage's callable class (see the module docstring)."""
+
+    name: ClassVar[str]
+    # Columns this stage adds, with their Arrow types; null on rows it passes through.
+    output_fields: ClassVar[tuple[pa.Field, ...]] = ()
+    # Internal columns no later stage needs once this one ran.
+    consumes: ClassVar[tuple[str, ...]] = ()
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        started = time.perf_counter()
+        selected = self.select(table)
+        positions = pc.indices_nonzero(selected) if table.num_rows else pa.array([], pa.uint64())
+        work = table.take(positions)
+        columns = self.process(work) if work.num_rows else {}
+        table = self._merge(table, positions.to_pylist(), columns)
+        table = table.drop_columns([c for c in self.consumes if c in table.column_names])
+        table = self.annotate(table)
+        return rows.add_seconds(table, self.name, time.perf_counter() - started)
+
+    def select(self, table: pa.Table) -> pa.Array | pa.ChunkedArray:
+        """Rows this stage works on: by default, samples that no stage has failed."""
+        return rows.pending_mask(table)
+
+    def process(self, work: pa.Table) -> Columns:
+        """The stage's own work over the rows it selected."""
+        raise NotImplementedError
+
+    def annotate(self, table: pa.Table) -> pa.Table:
+        """Columns set on every row of the batch, after the merge; none by default."""
+        return table
+
+    def _merge(self, table: pa.Table, positions: list[int], columns: Columns) -> pa.Table:
+        count = table.num_rows
+        for field in self.output_fields:
+            values: list[object] = [None] * count
+            for position, value in zip(positions, columns.get(field.name, ())):
+                values[position] = value
+            table = rows.set_column(table, field.name, pa.array(values, field.type))
+        errors = columns.get("error")
+        if errors is not None and any(e is not None for e in errors):
+            merged_errors = table.column("error").to_pylist()
+            reasons = table.column("error_reason").to_pylist()
+            for position, error, reason in zip(positions, errors, columns["error_reason"]):
+                if error is None:
+                    continue
+                earlier = merged_errors[position]
+                merged_errors[position] = f"{earlier}; {error}" if earlier else error
+                reasons[position] = reason  # the latest reason: it explains the outputs that are missing
+            table = rows.set_column(table, "error", pa.array(merged_errors, pa.string()))
+            table = rows.set_column(table, "error_reason", pa.array(reasons, pa.string()))
+        return table
+
+
+StageSection = ActorStageConfig | TaskStageConfig
+
+
+@dataclass(frozen=True)
+class MapStage:
+    """A stage of the dataset: its callable class, its section of `stages:` and its constructor arguments.
+
+    Actor stages (a pool of `fn` instances, each keeping what it loaded) get their pool from the
+    section's `concurrency`; task stages run `fn` in short-lived Ray tasks over whole blocks.
+    """
+
+    fn: type[RowStage]
+    section: Callable[[JobConfig], StageSection]
+    constructor_kwargs: Callable[["Plan"], dict[str, object]]
+
+    @property
+    def name(self) -> str:
+        return self.fn.name
+
+    def add_to(self, dataset, plan: "Plan"):
+        """The dataset with this stage applied: Arrow batches in and out, one row out per row in."""
+        section = self.section(plan.job)
+        kwargs = self.constructor_kwargs(plan)
+        arguments: dict[str, object] = {"num_cpus": section.num_cpus}
+        if isinstance(section, ActorStageConfig):
+            fn: object = self.fn
+            arguments.update(
+                fn_constructor_kwargs=kwargs,
+                compute=actor_pool(section.concurrency, section.max_tasks_in_flight_per_actor),
+                batch_size=section.batch_size,
+                num_gpus=section.num_gpus or None,
+                **section.ray_remote_args(),
+            )
+        else:
+            # Ray Data runs a class only in actors; a task stage is a function that builds its (cheap) class.
+            fn = run_in_task
+            arguments.update(
+                fn_kwargs={"stage": self.fn, "kwargs": kwargs}, concurrency=section.concurrency, batch_size=None
+            )
+        drill = faults.forwarded_environment()
+        if drill:  # per stage, so a fault drill reaches workers of a cluster this driver only joined
+            arguments["runtime_env"] = {"env_vars": drill}
+        with warnings.catch_warnings():
+            # Ray 2.60 has named parameters for resources but none yet for actor restarts and task retries,
+            # which still travel as ray_remote_args (and warn that this will change in 2.64).
+            warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+            return dataset.map_batches(
+                fn,
+                batch_format="pyarrow",
+                udf_modifying_row_count=False,
+                **arguments,
+            )
+
+
+def actor_pool(concurrency: int | tuple[int, int], max_tasks_in_flight: int | None = None):
+    from ray.data import ActorPoolStrategy
+
+    if isinstance(concurrency, int):
+        return ActorPoolStrategy(size=concurrency, max_tasks_in_flight_per_actor=max_tasks_in_flight)
+    low, high = concurrency
+    return ActorPoolStrategy(min_size=low, max_size=high, max_tasks_in_flight_per_actor=max_tasks_in_flight)
+
+
+def run_in_task(table: pa.Table, *, stage: type[RowStage], kwargs: dict[str, object]) -> pa.Table:
+    return stage(**kwargs)(table)
