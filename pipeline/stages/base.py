@@ -125,10 +125,8 @@ class MapStage:
             )
         else:
             # Ray Data runs a class only in actors; a task stage is a function that builds its (cheap) class.
-            fn = run_in_task
-            arguments.update(
-                fn_kwargs={"stage": self.fn, "kwargs": kwargs}, concurrency=section.concurrency, batch_size=None
-            )
+            fn = task_function(self.fn, kwargs)
+            arguments.update(concurrency=section.concurrency, batch_size=None)
         drill = faults.forwarded_environment()
         if drill:  # per stage, so a fault drill reaches workers of a cluster this driver only joined
             arguments["runtime_env"] = {"env_vars": drill}
@@ -153,5 +151,11 @@ def actor_pool(concurrency: int | tuple[int, int], max_tasks_in_flight: int | No
     return ActorPoolStrategy(min_size=low, max_size=high, max_tasks_in_flight_per_actor=max_tasks_in_flight)
 
 
-def run_in_task(table: pa.Table, *, stage: type[RowStage], kwargs: dict[str, object]) -> pa.Table:
-    return stage(**kwargs)(table)
+def task_function(stage: type[RowStage], kwargs: dict[str, object]) -> Callable[[pa.Table], pa.Table]:
+    """A function running `stage` over one block, named after it (Ray Data names the operator by it)."""
+
+    def run(table: pa.Table) -> pa.Table:
+        return stage(**kwargs)(table)
+
+    run.__name__ = run.__qualname__ = stage.__name__
+    return run
