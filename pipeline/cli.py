@@ -108,13 +108,17 @@ def build_parser() -> argparse.ArgumentParser:
     schema = commands.add_parser("schema", help="print the output schema, column by column")
     schema.add_argument("--json", action="store_true", help="print the schema file itself")
 
-    from pipeline.bench import add_bench_command
+    from pipeline.tools.bench.command import add_arguments as add_bench_arguments
 
-    add_bench_command(commands)
+    add_bench_arguments(
+        commands.add_parser("bench", help="measure the pipeline against the bare model loop on generated shards")
+    )
 
-    from pipeline.evaluate import add_eval_command
+    from pipeline.tools.evaluate import add_arguments as add_eval_arguments
 
-    add_eval_command(commands)
+    add_eval_arguments(
+        commands.add_parser("eval", help="score a model on generated shapes through the pipeline (accuracy per task)")
+    )
     return parser
 
 
@@ -133,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "validate":
             return _validate(args)
         if args.command == "demo":
-            from pipeline.demo import WORKDIR, run_demo
+            from pipeline.tools.demo import WORKDIR, run_demo
 
             return run_demo(
                 shards=args.shards, samples_per_shard=args.samples_per_shard, workdir=args.workdir or WORKDIR
@@ -141,13 +145,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "schema":
             return _schema(args)
         if args.command == "bench":
-            from pipeline.bench import run_bench_command
+            from pipeline.tools.bench.command import run_command
 
-            return run_bench_command(args)
+            return run_command(args)
         if args.command == "eval":
-            from pipeline.evaluate import run_eval_command
+            from pipeline.tools.evaluate import run_command
 
-            return run_eval_command(args)
+            return run_command(args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
