@@ -1,9 +1,15 @@
 """2. The full pipeline: shards on a local S3 server -> read -> prepare actors -> model actors -> Parquet,
-through `run_job`, with Ray started here so the job itself is what is timed.
+through `run_job`.
+
+By default the run starts a local S3 server and a Ray of its own, sized for the run, so the job itself is what
+is timed. Given a running server (`s3`) it uploads to that one instead, and where Ray is already initialized
+in this process it joins that Ray (started with the server's environment, as the test suite's is) and leaves
+it running.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -49,7 +55,8 @@ def bench_job(options: BenchOptions, model_dir: Path, prefix: str, model_cpus: f
     )
 
 
-def run_pipeline(model_dir: Path, shards: list[Path], options: BenchOptions, echo) -> dict[str, object]:
+def run_pipeline(model_dir: Path, shards: list[Path], options: BenchOptions, echo, s3=None) -> dict[str, object]:
+    """Run the bench job; `s3`: a running `pipeline.testing.s3_server.LocalS3` to use instead of starting one."""
     import ray
 
     from pipeline.runner import run_job
@@ -64,8 +71,21 @@ def run_pipeline(model_dir: Path, shards: list[Path], options: BenchOptions, ech
     # Logical CPUs: the model's, plus one per prepare actor and half for the read tasks. On a small machine
     # that is more than its cores, on purpose: the stages take turns on them, as they would share a node.
     logical_cpus = math.ceil(model_cpus + prepare_actors + 0.5)
+    joined = ray.is_initialized()
+    if joined:
+        available = int(ray.cluster_resources().get("CPU", 0))
+        if available < logical_cpus:
+            raise ValueError(
+                f"the running Ray has {available} CPUs; this bench needs {logical_cpus} "
+                f"({model_cpus:g} for the model actor, {prepare_actors} prepare actor(s) and half for reads): "
+                "lower model_cpus or prepare_actors"
+            )
+        logical_cpus = available
     prefix = f"run-{int(time.time() * 1000)}"
-    with local_s3() as s3, s3.as_environment():
+    with contextlib.ExitStack() as stack:
+        if s3 is None:
+            s3 = stack.enter_context(local_s3())
+        stack.enter_context(s3.as_environment())
         fs = s3.filesystem()
         if not fs.exists(BUCKET):
             fs.mkdir(BUCKET)
@@ -75,20 +95,19 @@ def run_pipeline(model_dir: Path, shards: list[Path], options: BenchOptions, ech
         echo(
             f"pipeline: {options.images} images from s3://{BUCKET}/{prefix}/shards, model actor with "
             f"{model_cpus:g} CPUs{' and 1 GPU' if gpu else ''}, {prepare_actors} prepare actor(s), "
-            f"{logical_cpus} logical CPUs"
+            f"{logical_cpus} logical CPUs" + (" (the running Ray)" if joined else "")
         )
-        ray.init(
-            address="local",  # a Ray of its own, sized for this run, even where RAY_ADDRESS names a cluster
-            num_cpus=logical_cpus,
-            include_dashboard=False,
-            log_to_driver=False,
-            runtime_env={"env_vars": {"TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}},
-        )
-        try:
-            with MemorySampler(exclude=(s3.process.pid,)) as memory:
-                result = run_job(job, echo=lambda line: None)
-        finally:
-            ray.shutdown()
+        if not joined:
+            ray.init(
+                address="local",  # a Ray of its own, sized for this run, even where RAY_ADDRESS names a cluster
+                num_cpus=logical_cpus,
+                include_dashboard=False,
+                log_to_driver=False,
+                runtime_env={"env_vars": {"TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}},
+            )
+            stack.callback(ray.shutdown)
+        with MemorySampler(exclude=(s3.process.pid,)) as memory:
+            result = run_job(job, echo=lambda line: None)
     summary = result.summary
     if result.exit_code != 0:
         raise RuntimeError(f"the pipeline run failed: {summary.get('error')}")

@@ -17,8 +17,12 @@ from pipeline.tools.bench.report import jsonable, ratios, render
 from pipeline.tools.bench.workload import default_batch_size, generate_shards, shards_for
 
 
-def run_bench(options: BenchOptions, echo=print) -> Figures:
-    """Measure; print the figures with `echo` and return them (also written to `options.json_path`)."""
+def run_bench(options: BenchOptions, echo=print, *, s3=None) -> Figures:
+    """Measure; print the figures with `echo` and return them (also written to `options.json_path`).
+
+    `s3`: a running `pipeline.testing.s3_server.LocalS3` for the pipeline run instead of a server of its own;
+    where Ray is already initialized in this process the pipeline run joins it (see `pipeline_run`).
+    """
     import torch
 
     if options.model not in SHAPES:
@@ -65,7 +69,7 @@ def run_bench(options: BenchOptions, echo=print) -> Figures:
     if options.multitask_images:
         figures.multitask = multitask(model_dir, shards, options, echo)
         gc.collect()
-    figures.pipeline = run_pipeline(model_dir, shards, options, echo)
+    figures.pipeline = run_pipeline(model_dir, shards, options, echo, s3=s3)
     figures.ratio = ratios(figures)
     figures.machine["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     echo(render(figures))
