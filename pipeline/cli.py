@@ -1,11 +1,12 @@
-"""The `llava-pipeline` command."""
+"""The `llava-pipeline` command: wiring only. The core commands (run, retry-failed, validate, schema) are defined
+here; the tool commands (demo, bench, eval) come from `TOOLS` and are imported only when they run."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
-from pathlib import Path
 
 from pipeline import __version__
 from pipeline.errors import ConfigError, PipelineError
@@ -17,6 +18,25 @@ exit codes: 0 the run completed within its failure limits (failed samples are ro
             2 the job spec or its inputs are invalid (nothing was started),
             130 interrupted.
 """
+
+
+# Tool commands: name -> (module, one-line help). A tool's module is imported, and its full parser built, only
+# when it is the chosen command, so `run`, `retry-failed`, `validate` and `schema` never load pipeline.tools.
+# Each module has add_arguments(parser) (its description and options) and run_command(args) -> exit code.
+TOOLS: dict[str, tuple[str, str]] = {
+    "demo": (
+        "pipeline.tools.demo",
+        "run the demo job on a local S3 server with generated shards and a bundled tiny model",
+    ),
+    "bench": (
+        "pipeline.tools.bench.command",
+        "measure the pipeline against the bare model loop on generated shards",
+    ),
+    "eval": (
+        "pipeline.tools.evaluate",
+        "score a model on generated shapes through the pipeline (accuracy per task)",
+    ),
+}
 
 
 def _add_overrides(parser: argparse.ArgumentParser) -> None:
@@ -35,7 +55,9 @@ def _add_overrides(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The CLI's parser. Tool commands get their full options only when `command` names them; otherwise
+    they are listed (name and help line) but not imported."""
     parser = argparse.ArgumentParser(
         prog="llava-pipeline",
         description="Caption, tag and question images in WebDataset shards with LLaVA-family models on Ray Data, "
@@ -95,31 +117,31 @@ def build_parser() -> argparse.ArgumentParser:
         "--offline", action="store_true", help="check the spec's fields only; reach no storage and no model"
     )
 
-    demo = commands.add_parser(
-        "demo",
-        help="run the demo job on a local S3 server with generated shards and a bundled tiny model",
-        description="Start an S3-compatible server on 127.0.0.1, upload generated shards and a tiny LLaVA "
-        "checkpoint, run jobs/demo.yaml from s3:// to s3://, and print the summary and some rows.",
-    )
-    demo.add_argument("--shards", type=int, default=4, help="shards to generate (default 4)")
-    demo.add_argument("--samples-per-shard", type=int, default=24, help="samples per shard (default 24)")
-    demo.add_argument("--workdir", type=Path, help="where generated shards and the model go (default .cache/demo)")
+    _add_tool(commands, "demo", command)
 
     schema = commands.add_parser("schema", help="print the output schema, column by column")
     schema.add_argument("--json", action="store_true", help="print the schema file itself")
 
-    from pipeline.bench import add_bench_command
-
-    add_bench_command(commands)
-
-    from pipeline.evaluate import add_eval_command
-
-    add_eval_command(commands)
+    _add_tool(commands, "bench", command)
+    _add_tool(commands, "eval", command)
     return parser
 
 
+def _add_tool(commands, name: str, chosen: str | None) -> None:
+    module, help_line = TOOLS[name]
+    parser = commands.add_parser(name, help=help_line)
+    if name == chosen:
+        importlib.import_module(module).add_arguments(parser)
+
+
+def _chosen_command(argv: list[str]) -> str | None:
+    """The subcommand in `argv`: its first word that is not an option (the top-level options take no value)."""
+    return next((arg for arg in argv if not arg.startswith("-")), None)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(_chosen_command(argv)).parse_args(argv)
     # Libraries log at INFO about routine things (where credentials came from); only ours speak at INFO.
     logging.basicConfig(
         level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
@@ -132,22 +154,10 @@ def main(argv: list[str] | None = None) -> int:
             return _retry_failed(args)
         if args.command == "validate":
             return _validate(args)
-        if args.command == "demo":
-            from pipeline.demo import WORKDIR, run_demo
-
-            return run_demo(
-                shards=args.shards, samples_per_shard=args.samples_per_shard, workdir=args.workdir or WORKDIR
-            )
         if args.command == "schema":
             return _schema(args)
-        if args.command == "bench":
-            from pipeline.bench import run_bench_command
-
-            return run_bench_command(args)
-        if args.command == "eval":
-            from pipeline.evaluate import run_eval_command
-
-            return run_eval_command(args)
+        if args.command in TOOLS:
+            return importlib.import_module(TOOLS[args.command][0]).run_command(args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -30,7 +30,7 @@ COLORS: dict[str, tuple[int, int, int]] = {
 SHAPES = ("circle", "square", "triangle", "star")
 FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
 
-# The questions the shapes model (pipeline.testing.train_shapes) was trained to answer.
+# The questions the shapes model (pipeline.tools.train_shapes) was trained to answer.
 SHAPE_QUESTION = "What shape is in the image?"
 COLOR_QUESTION = "What colour is the shape?"
 BACKGROUND_QUESTION = "What colour is the background?"

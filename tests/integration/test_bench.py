@@ -1,56 +1,70 @@
 """`llava-pipeline bench` on the tiny model: it runs end to end, prints its figures and writes them as JSON.
 
-Speed is not asserted here (a test machine's load says nothing about the pipeline); docs/benchmarks.md
-records measured figures with the command that produced them.
+The bench runs in-process on the suite's S3 server and Ray (it joins an initialized Ray and leaves it
+running), with the smallest settings that still give every figure. Speed is not asserted here (a test
+machine's load says nothing about the pipeline); docs/benchmarks.md records measured figures with the
+command that produced them.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+import pytest
+
+from pipeline.cli import main
+from pipeline.tools.bench import BenchOptions, run_bench
 
 
-def test_bench_command_runs_and_writes_its_figures(tmp_path: Path) -> None:
+def test_bench_command_parses(capsys) -> None:
+    with pytest.raises(SystemExit) as exit:
+        main(["bench", "--help"])
+    assert exit.value.code == 0
+    out = capsys.readouterr().out
+    for option in ("--model", "--images", "--batch-size", "--tasks", "--bare-images", "--multitask-images", "--json"):
+        assert option in out, option
+
+
+def test_bench_runs_and_writes_its_figures(s3, ray_address, tmp_path: Path) -> None:
+    import ray
+
     figures_path = tmp_path / "figures.json"
-    environment = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # the bench starts its own Ray
-    command = [
-        sys.executable,
-        "-m",
-        "pipeline.cli",
-        "bench",
-        "--model=tiny",
-        "--images=24",
-        "--shard-size=8",
-        "--batch-size=4",
-        "--new-tokens=2",
-        "--tasks=all",
-        "--bare-images=8",
-        "--multitask-images=4",
-        "--image-size=48",
-        f"--workdir={tmp_path / 'work'}",
-        f"--json={figures_path}",
-    ]
-    done = subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    options = BenchOptions(
+        model="tiny",
+        images=16,
+        shard_size=8,
+        batch_size=4,
+        new_tokens=2,
+        tasks="all",
+        bare_images=4,
+        multitask_images=4,
+        image_size=48,
+        model_cpus=1,  # fits the suite's Ray (4 CPUs) on any machine
+        prepare_actors=1,
+        workdir=tmp_path / "work",
+        json_path=figures_path,
+    )
+    lines: list[str] = []
+    run_bench(options, echo=lines.append, s3=s3)
+    out = "\n".join(lines)
     for label in ("bare loop", "pipeline", "ratio", "first row", "model busy", "stage busy", "peak memory"):
-        assert f"  {label}" in done.stdout, label
+        assert f"  {label}" in out, label
+    assert ray.is_initialized(), "the bench joined the suite's Ray and must leave it running"
 
     figures = json.loads(figures_path.read_text())
     assert figures["machine"]["cpus"] == os.cpu_count()
     assert figures["model"]["shape"] == "tiny" and figures["model"]["image_tokens"] == 16
-    assert figures["bare"]["images"] == 8 and figures["bare"]["images_per_second"] > 0
+    assert figures["bare"]["images"] == 4 and figures["bare"]["images_per_second"] > 0
 
     pipeline = figures["pipeline"]
-    assert pipeline["images"] == pipeline["succeeded"] == 24
-    assert 0 < pipeline["steady_images"] < 24, "the first output batch is not part of the steady state"
+    assert pipeline["images"] == pipeline["succeeded"] == 16
+    assert 0 < pipeline["steady_images"] < 16, "the first output batch is not part of the steady state"
     assert pipeline["seconds_to_first_row"] < pipeline["wall_seconds"]
     assert 0 < pipeline["model_busy_fraction"] <= 1
     assert pipeline["steady_images_per_second"] > 0
+    assert pipeline["ray_logical_cpus"] == int(ray.cluster_resources()["CPU"])
     assert set(pipeline["stage_busy_seconds"]) == {"read", "prepare", "model"}
     assert all(seconds > 0 for seconds in pipeline["stage_busy_seconds"].values())
     memory = pipeline["memory"]

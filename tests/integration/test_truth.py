@@ -1,6 +1,6 @@
 """The bundled shapes model through the whole pipeline: every row must describe its own image.
 
-The model (models/tiny-llava-shapes, trained by pipeline.testing.train_shapes) answers correctly on
+The model (models/tiny-llava-shapes, trained by pipeline.tools.train_shapes) answers correctly on
 these generated scenes, so a caption, tag list or answer that belongs to another image (rows shifted
 after padding, answers from another batch, per-sample questions asked of the wrong sample) shows up
 as a mismatch with the ground truth in that row's own JSON. The shards mix sizes, aspect ratios and
@@ -20,8 +20,8 @@ import yaml
 from support import base_job, read_output, upload
 
 from pipeline.cli import main
-from pipeline.evaluate import JOB_QUESTIONS, mismatches
 from pipeline.testing.shards import Scene, shape_presence_questions, synthetic_samples, write_shard
+from pipeline.tools.evaluate import JOB_QUESTIONS, mismatches
 
 SHAPES_MODEL = Path(__file__).resolve().parents[2] / "models" / "tiny-llava-shapes"
 SIZES = ((64, 64), (96, 64), (48, 80))

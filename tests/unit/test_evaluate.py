@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from pipeline.evaluate import JOB_QUESTIONS, PRESENCE, mismatches, render_score, score
 from pipeline.testing.shards import Scene, shape_presence_questions
+from pipeline.tools.evaluate import JOB_QUESTIONS, PRESENCE, mismatches, render_score, score
 
 
 def _row(key: str, scene: Scene, own: list[str] | None = None, **outputs: object) -> dict:

@@ -12,7 +12,7 @@ from PIL import Image
 from pipeline.config import ModelConfig
 from pipeline.inputs import InputBuilder, load_processor
 from pipeline.testing.shards import COLORS, SHAPES, Scene
-from pipeline.testing.train_shapes import (
+from pipeline.tools.train_shapes import (
     CAPTION_PROMPT,
     TAGS_PROMPT,
     ScenePool,

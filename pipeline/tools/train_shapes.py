@@ -22,7 +22,7 @@ is seeded, and the training images are drawn from per-image seeds, so a run with
 and thread count on the same machine gives the same weights (`training.json` in the model directory
 records the settings, the wall time and the load average):
 
-    python -m pipeline.testing.train_shapes --out models/tiny-llava-shapes [--threads 1]
+    python -m pipeline.tools.train_shapes --out models/tiny-llava-shapes [--threads 1]
 
 Two threads is the default; on a machine whose cores are busy with other work, one thread is
 much faster, because torch's threads wait on each other whenever one of them is descheduled.
@@ -354,7 +354,7 @@ def _batch(builder: InputBuilder, replacement: str, examples: list[tuple[str, st
     tokenizer = builder.tokenizer
     sequences, labels = [], []
     for instruction, answer in examples:
-        prompt = builder.token_ids([builder.render(instruction)], replacement)[0]
+        prompt = builder.prompt_ids([instruction], replacement)[0]
         # The template writes an assistant turn as "ASSISTANT: {text}</s>"; generation continues from "ASSISTANT:".
         reply = tokenizer(" " + answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         sequences.append(prompt + reply)

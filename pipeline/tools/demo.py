@@ -2,13 +2,14 @@
 
 It starts an S3-compatible server on 127.0.0.1, uploads generated shards (with a few broken
 images, to show error rows) and the bundled tiny LLaVA trained on such shapes
-(models/tiny-llava-shapes, see pipeline.testing.train_shapes), runs jobs/demo.yaml from s3:// to
+(models/tiny-llava-shapes, see pipeline.tools.train_shapes), runs jobs/demo.yaml from s3:// to
 s3://, and prints the summary, some output rows read back from the bucket, and how many rows match
 the ground truth their own samples carry.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 import shutil
@@ -17,18 +18,36 @@ from pathlib import Path
 import pyarrow.dataset as ds
 
 from pipeline.errors import PipelineError
-from pipeline.evaluate import row_checks
 from pipeline.jobfile import load_job
 from pipeline.runner import run_job
 from pipeline.testing import images as tricky
 from pipeline.testing.s3_server import local_s3
 from pipeline.testing.shards import shape_presence_questions, synthetic_samples, write_shard
+from pipeline.tools.evaluate import row_checks
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEMO_JOB = REPO / "jobs" / "demo.yaml"
 DEMO_MODEL = REPO / "models" / "tiny-llava-shapes"
 BUCKET = "demo"
 WORKDIR = REPO / ".cache" / "demo"
+
+
+DESCRIPTION = (
+    "Start an S3-compatible server on 127.0.0.1, upload generated shards and a tiny LLaVA "
+    "checkpoint, run jobs/demo.yaml from s3:// to s3://, and print the summary and some rows."
+)
+
+
+def add_arguments(demo: argparse.ArgumentParser) -> None:
+    """`llava-pipeline demo`'s options; `pipeline.cli` calls this only when the chosen command is `demo`."""
+    demo.description = DESCRIPTION
+    demo.add_argument("--shards", type=int, default=4, help="shards to generate (default 4)")
+    demo.add_argument("--samples-per-shard", type=int, default=24, help="samples per shard (default 24)")
+    demo.add_argument("--workdir", type=Path, help="where generated shards and the model go (default .cache/demo)")
+
+
+def run_command(args: argparse.Namespace) -> int:
+    return run_demo(shards=args.shards, samples_per_shard=args.samples_per_shard, workdir=args.workdir or WORKDIR)
 
 
 def _demo_shards(directory: Path, shards: int, samples_per_shard: int) -> list[Path]:
@@ -110,6 +129,6 @@ def _show_rows(fs, output_url: str, job_questions: list[str], limit: int = 6) ->
     print(
         f"\n{right} of {len(judged)} generated images got a caption, tags and answers that all match their own "
         "ground truth. The bundled model is a tiny LLaVA trained only on these shapes (see "
-        "pipeline/testing/train_shapes.py); point --model at a real checkpoint (e.g. llava-hf/llava-1.5-7b-hf) "
+        "pipeline/tools/train_shapes.py); point --model at a real checkpoint (e.g. llava-hf/llava-1.5-7b-hf) "
         "for real photos."
     )

@@ -11,6 +11,7 @@ wrong, so the score also catches rows mixed up by the pipeline.
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 import shutil
@@ -222,18 +223,20 @@ def run_eval(
     return 0
 
 
-DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "tiny-llava-shapes"
-DEFAULT_WORKDIR = Path(__file__).resolve().parents[1] / ".cache" / "eval"
+DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "models" / "tiny-llava-shapes"
+DEFAULT_WORKDIR = Path(__file__).resolve().parents[2] / ".cache" / "eval"
 
 
-def add_eval_command(commands) -> None:
-    command = commands.add_parser(
-        "eval",
-        help="score a model on generated shapes through the pipeline (accuracy per task)",
-        description="Write held-out shapes shards (shuffled keys, mixed sizes and formats, per-sample "
-        "questions), run them through the pipeline with MODEL_DIR, read the Parquet back and print the "
-        "accuracy of each task against every row's own ground truth.",
-    )
+DESCRIPTION = (
+    "Write held-out shapes shards (shuffled keys, mixed sizes and formats, per-sample "
+    "questions), run them through the pipeline with MODEL_DIR, read the Parquet back and print the "
+    "accuracy of each task against every row's own ground truth."
+)
+
+
+def add_arguments(command: argparse.ArgumentParser) -> None:
+    """`llava-pipeline eval`'s options; `pipeline.cli` calls this only when the chosen command is `eval`."""
+    command.description = DESCRIPTION
     command.add_argument(
         "model",
         metavar="MODEL_DIR",
@@ -255,7 +258,7 @@ def add_eval_command(commands) -> None:
     )
 
 
-def run_eval_command(args) -> int:
+def run_command(args: argparse.Namespace) -> int:
     return run_eval(
         args.model,
         samples=args.samples,

@@ -1,0 +1,74 @@
+"""The CLI is wiring: core commands load no tools, no test fixtures, and `validate --offline` no Ray or torch.
+
+Each check runs in a fresh interpreter, so modules other tests imported cannot hide an import."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from pipeline.cli import TOOLS
+
+OFF_THE_RUN_PATH = ("pipeline.tools", "pipeline.testing")
+DEMO_JOB = Path(__file__).resolve().parents[2] / "jobs" / "demo.yaml"
+
+
+def _run_fresh(script: str) -> tuple[str, list[str]]:
+    """Run `script` (which may call `main`) in a new interpreter: its output, and the modules loaded by the end."""
+    program = (
+        "import json, sys\n"
+        "from pipeline.cli import main\n"
+        f"{script}\n"
+        "print('MODULES ' + json.dumps(sorted(sys.modules)))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    output, _, modules = done.stdout.rpartition("MODULES ")
+    return output, json.loads(modules)
+
+
+def _modules_after(script: str) -> list[str]:
+    return _run_fresh(script)[1]
+
+
+def _loaded(modules: list[str], *roots: str) -> list[str]:
+    return [m for m in modules if any(m == root or m.startswith(root + ".") for root in roots)]
+
+
+def _job(tmp_path: Path, **extra: object) -> Path:
+    """The shipped demo job (kept valid by the CLI tests), plus `extra` top-level keys."""
+    job = {**yaml.safe_load(DEMO_JOB.read_text()), **extra}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    return path
+
+
+def test_validate_offline_loads_no_tools_fixtures_ray_or_torch(tmp_path):
+    job = _job(tmp_path)
+    modules = _modules_after(f"assert main(['validate', '--offline', {str(job)!r}]) == 0")
+    assert "pipeline.cli" in modules and "pipeline.config" in modules
+    assert _loaded(modules, *OFF_THE_RUN_PATH, "ray", "torch") == []
+
+
+def test_core_commands_load_no_tools_or_fixtures(tmp_path):
+    # An unknown key stops run and retry-failed at the job spec (exit 2), after their code paths have loaded.
+    bad = _job(tmp_path, unknown_key=1)
+    script = f"assert main(['run', {str(bad)!r}]) == 2\nassert main(['retry-failed', {str(bad)!r}]) == 2"
+    _, modules = _run_fresh(script + "\nassert main(['schema']) == 0")
+    assert _loaded(modules, *OFF_THE_RUN_PATH) == []
+
+
+def test_top_level_help_lists_every_command_without_importing_tools():
+    output, modules = _run_fresh(
+        "try:\n    main(['--help'])\nexcept SystemExit as exit:\n    assert exit.code == 0, exit.code"
+    )
+    help_text = " ".join(output.split())
+    for command in ("run", "retry-failed", "validate", "schema", *TOOLS):
+        assert f" {command} " in help_text, command
+    for _, help_line in TOOLS.values():
+        assert help_line in help_text
+    assert _loaded(modules, *OFF_THE_RUN_PATH) == []
