@@ -72,3 +72,23 @@ def test_top_level_help_lists_every_command_without_importing_tools():
     for _, help_line in TOOLS.values():
         assert help_line in help_text
     assert _loaded(modules, *OFF_THE_RUN_PATH) == []
+
+
+def test_run_answers_missing_shards_before_loading_ray_or_torch(tmp_path):
+    """Planning (shards, output, model) comes before Ray and torch, so a job that cannot run fails fast."""
+    job = {**yaml.safe_load(DEMO_JOB.read_text())}
+    job["input"] = {"urls": [str(tmp_path / "nowhere" / "shard-*.tar")]}
+    job["output"] = {"url": str(tmp_path / "out")}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    script = f"""
+import contextlib, io
+err = io.StringIO()
+with contextlib.redirect_stderr(err):
+    code = main(['run', {str(path)!r}])
+assert code == 2, code
+print(err.getvalue())
+"""
+    output, modules = _run_fresh(script)
+    assert "shard-*.tar" in output and "input.urls" in output
+    assert _loaded(modules, "ray", "torch", "transformers", *OFF_THE_RUN_PATH) == []
