@@ -1,11 +1,18 @@
-"""Helpers shared by the integration tests: job dicts, uploads, reading outputs back."""
+"""Helpers shared by the integration tests: job dicts, uploads, reading outputs back, checking keys,
+and the CLI run in-process."""
 
 from __future__ import annotations
 
+import re
+import sys
+import tarfile
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.dataset as ds
+import pytest
 
 from pipeline.testing.s3_server import LocalS3
 
@@ -44,3 +51,62 @@ def upload(s3: LocalS3, local: Path, remote: str) -> None:
         fs.put(str(local), remote, recursive=True)
     else:
         fs.put_file(str(local), remote)
+
+
+# A member's key, as webdataset groups members: its directory and its base name up to the first dot.
+_MEMBER = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+
+
+def shard_keys(paths: list[Path]) -> Counter:
+    """(shard file name, key) for every sample in local shard files, as many times as the tar holds it."""
+    keys: Counter = Counter()
+    for path in paths:
+        with tarfile.open(path) as tar:
+            for key in {_MEMBER.match(member.name).group(1) for member in tar.getmembers()}:
+                keys[(path.name, key)] += 1
+    return keys
+
+
+def output_keys(table: pa.Table) -> Counter:
+    """(shard file name, key) for every output row, as many times as it was written."""
+    return Counter(
+        (shard.rsplit("/", 1)[-1], key) for shard, key in zip(table["shard"].to_pylist(), table["key"].to_pylist())
+    )
+
+
+def assert_exactly_once(table: pa.Table, shard_paths: list[Path]) -> None:
+    got = output_keys(table)
+    want = shard_keys(shard_paths)
+    missing = want - got
+    twice = {k: n for k, n in got.items() if n > 1}
+    extra = got - want
+    assert not missing, f"{len(missing)} key(s) missing, e.g. {sorted(missing)[:3]}"
+    assert not twice, f"{len(twice)} key(s) written more than once, e.g. {sorted(twice)[:3]}"
+    assert not extra, f"unexpected keys {sorted(extra)[:3]}"
+
+
+@dataclass(frozen=True)
+class CliResult:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *args: str, ray_allowed: bool = True) -> CliResult:
+    """`llava-pipeline ARGS` in this process: exit code and what it printed.
+
+    With `ray_allowed=False` the runner cannot be imported, so a command that tried to start work
+    fails loudly instead of answering: the check that a bad job stops before any Ray work.
+    """
+    from pipeline.cli import main
+
+    capsys.readouterr()
+    with pytest.MonkeyPatch.context() as patch:
+        if not ray_allowed:
+            patch.setitem(sys.modules, "pipeline.runner", None)
+        try:
+            exit_code = main(list(args))
+        except SystemExit as exit:  # argparse's --help and usage errors
+            exit_code = exit.code if isinstance(exit.code, int) else 1
+    captured = capsys.readouterr()
+    return CliResult(exit_code, captured.out, captured.err)

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import main
+from pipeline.stages import STAGES
 from pipeline.tools.bench import BenchOptions, run_bench
 
 
@@ -65,7 +66,7 @@ def test_bench_runs_and_writes_its_figures(s3, ray_address, tmp_path: Path) -> N
     assert 0 < pipeline["model_busy_fraction"] <= 1
     assert pipeline["steady_images_per_second"] > 0
     assert pipeline["ray_logical_cpus"] == int(ray.cluster_resources()["CPU"])
-    assert set(pipeline["stage_busy_seconds"]) == {"read", "prepare", "model"}
+    assert set(pipeline["stage_busy_seconds"]) == {stage.name for stage in STAGES}
     assert all(seconds > 0 for seconds in pipeline["stage_busy_seconds"].values())
     memory = pipeline["memory"]
     assert memory["driver_peak_rss_mib"] > 0 and memory["workers_peak_rss_mib"] > 0

@@ -1,14 +1,17 @@
-"""The console script as users run it: exit codes, messages, overrides, joining a cluster."""
+"""The console script as users run it: exit codes, messages and overrides.
+
+Commands run in-process (`support.run_cli`) unless the test is about the installed script itself;
+a bad job must be answered before the runner is imported, which the in-process runner enforces.
+"""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from support import base_job, read_output, upload
+from support import CliResult, base_job, read_output, run_cli, upload
 
 from pipeline.testing.s3_server import free_port
 from pipeline.testing.shards import write_shards
@@ -16,93 +19,97 @@ from pipeline.testing.shards import write_shards
 SCRIPT = str(Path(sys.executable).parent / "llava-pipeline")
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    environment = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    environment.update(env or {})
-    return subprocess.run([SCRIPT, *args], capture_output=True, text=True, timeout=timeout, env=environment)
-
-
-def assert_stopped_before_ray(result: subprocess.CompletedProcess, *fragments: str) -> None:
-    assert result.returncode == 2, result.stderr
+def assert_stopped_before_ray(result: CliResult, *fragments: str) -> None:
+    assert result.exit_code == 2, result.stderr
     assert result.stderr.startswith("error: "), result.stderr
     for fragment in fragments:
         assert fragment in result.stderr, result.stderr
-    assert "Started a local Ray instance" not in result.stderr + result.stdout
     assert "Traceback" not in result.stderr
 
 
-def test_help_lists_commands_and_overrides():
-    top = run_cli("--help")
+def test_installed_script_lists_commands_and_overrides():
+    top = subprocess.run([SCRIPT, "--help"], capture_output=True, text=True, timeout=60)
     assert top.returncode == 0
     for command in ("run", "validate", "demo", "schema"):
         assert command in top.stdout
-    run = run_cli("run", "--help")
+
+
+def test_run_help_lists_overrides_and_exit_codes(capsys):
+    run = run_cli(capsys, "run", "--help")
+    assert run.exit_code == 0
     for option in ("--input", "--output", "--model", "exit codes"):
         assert option in run.stdout
 
 
-def test_unknown_key_exits_2_naming_the_field(tmp_path, s3, bucket, tiny_model, write_job):
+def test_unknown_key_exits_2_naming_the_field(capsys, tmp_path, s3, bucket, tiny_model, write_job):
     job = base_job(bucket, tiny_model)
     job["tasks"] = {"captoin": {}}
-    result = run_cli("run", str(write_job(job)))
+    result = run_cli(capsys, "run", str(write_job(job)), ray_allowed=False)
     assert_stopped_before_ray(result, "tasks.captoin: unknown field", "allowed here: caption, tags, vqa")
 
 
-def test_bad_url_scheme_exits_2(s3, bucket, tiny_model, write_job):
+def test_bad_url_scheme_exits_2(capsys, s3, bucket, tiny_model, write_job):
     job = base_job(bucket, tiny_model, input={"urls": ["ftps-nope://host/shard.tar"]})
-    result = run_cli("run", str(write_job(job)))
+    result = run_cli(capsys, "run", str(write_job(job)), ray_allowed=False)
     assert_stopped_before_ray(result, "input.urls[0]: unsupported URL scheme 'ftps-nope'")
 
 
-def test_missing_shards_exit_2_showing_the_pattern(s3, bucket, tiny_model, write_job):
+def test_missing_shards_exit_2_showing_the_pattern(capsys, s3, bucket, tiny_model, write_job):
     pattern = f"s3://{bucket}/nothing-here/shard-{{000..009}}.tar"
-    result = run_cli("run", str(write_job(base_job(bucket, tiny_model, input={"urls": [pattern]}))))
+    result = run_cli(
+        capsys, "run", str(write_job(base_job(bucket, tiny_model, input={"urls": [pattern]}))), ray_allowed=False
+    )
     assert_stopped_before_ray(result, "10 of 10 shard(s) do not exist", f"s3://{bucket}/nothing-here/shard-000.tar")
 
     glob = f"s3://{bucket}/nothing-here/*.tar"
-    result = run_cli("run", str(write_job(base_job(bucket, tiny_model, input={"urls": [glob]}))))
+    result = run_cli(
+        capsys, "run", str(write_job(base_job(bucket, tiny_model, input={"urls": [glob]}))), ray_allowed=False
+    )
     assert_stopped_before_ray(result, f"no shards match {glob!r}")
 
 
-def test_unreachable_endpoint_exits_2(s3, bucket, tiny_model, write_job):
+def test_unreachable_endpoint_exits_2(capsys, s3, bucket, tiny_model, write_job):
     dead = f"http://127.0.0.1:{free_port()}"
     job = base_job(bucket, tiny_model, storage={"endpoint_url": dead})
-    result = run_cli("run", str(write_job(job)))
+    result = run_cli(capsys, "run", str(write_job(job)), ray_allowed=False)
     assert_stopped_before_ray(result, "cannot reach the storage endpoint", dead)
 
 
-def test_missing_model_exits_2(s3, bucket, tmp_path, write_job):
+def test_missing_model_exits_2(capsys, s3, bucket, tmp_path, write_job):
     write_shards(tmp_path, shards=1, samples_per_shard=1)
     upload(s3, tmp_path / "shard-00000.tar", f"{bucket}/shards/shard-00000.tar")
-    result = run_cli("run", str(write_job(base_job(bucket, tmp_path / "no-such-model"))))
+    result = run_cli(capsys, "run", str(write_job(base_job(bucket, tmp_path / "no-such-model"))), ray_allowed=False)
     assert_stopped_before_ray(result, "model.source:", "no-such-model")
 
 
-def test_missing_output_bucket_exits_2(s3, bucket, tiny_model, tmp_path, write_job):
+def test_missing_output_bucket_exits_2(capsys, s3, bucket, tiny_model, tmp_path, write_job):
     write_shards(tmp_path, shards=1, samples_per_shard=1)
     upload(s3, tmp_path / "shard-00000.tar", f"{bucket}/shards/shard-00000.tar")
     job = base_job(bucket, tiny_model, output={"url": "s3://no-such-bucket-here/out/"})
-    result = run_cli("run", str(write_job(job)))
+    result = run_cli(capsys, "run", str(write_job(job)), ray_allowed=False)
     assert_stopped_before_ray(result, "output.url: cannot write under s3://no-such-bucket-here/out/")
 
 
-def test_validate_checks_without_writing(s3, bucket, tiny_model, tmp_path, write_job):
+def test_validate_checks_without_writing(capsys, s3, bucket, tiny_model, tmp_path, write_job):
     write_shards(tmp_path, shards=2, samples_per_shard=1)
     for name in ("shard-00000.tar", "shard-00001.tar"):
         upload(s3, tmp_path / name, f"{bucket}/shards/{name}")
-    result = run_cli("validate", str(write_job(base_job(bucket, tiny_model))))
-    assert result.returncode == 0, result.stderr
+    result = run_cli(capsys, "validate", str(write_job(base_job(bucket, tiny_model))), ray_allowed=False)
+    assert result.exit_code == 0, result.stderr
     assert "shards  2 to run:" in result.stdout and "tasks   caption" in result.stdout
     assert not s3.filesystem().exists(f"{bucket}/out")
 
 
-def test_run_with_overrides_joins_the_running_cluster(s3, ray_address, bucket, tiny_model, tmp_path, write_job):
+def test_run_takes_input_output_and_model_from_the_command_line(
+    capsys, s3, ray_address, bucket, tiny_model, tmp_path, write_job
+):
     """A nightly invocation: a checked-in spec, with tonight's input, output and model on the command line."""
     paths = write_shards(tmp_path / "shards", shards=2, samples_per_shard=3, seed=5)
     for path in paths:
         upload(s3, path, f"{bucket}/tonight/{path.name}")
     spec = base_job("placeholder-bucket", "placeholder-model")
     result = run_cli(
+        capsys,
         "run",
         str(write_job(spec)),
         "--input",
@@ -112,19 +119,17 @@ def test_run_with_overrides_joins_the_running_cluster(s3, ray_address, bucket, t
         f"s3://{bucket}/captions/2026-11-22/",
         "--model",
         str(tiny_model),
-        env={"RAY_ADDRESS": ray_address},
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "Started a local Ray instance" not in result.stderr
+    assert result.exit_code == 0, result.stderr[-3000:]
     assert "samples   6 read, 6 succeeded, 0 failed" in result.stdout
     table = read_output(s3, f"s3://{bucket}/captions/2026-11-22/")
     assert sorted(table.column("key").to_pylist()) == sorted(f"s{i:05d}-{j:06d}" for i in range(2) for j in range(3))
     assert set(table.column("model").to_pylist()) == {str(tiny_model)}
 
 
-def test_schema_command_documents_every_column():
-    result = run_cli("schema")
-    assert result.returncode == 0
+def test_schema_command_documents_every_column(capsys):
+    result = run_cli(capsys, "schema")
+    assert result.exit_code == 0
     from pipeline.schema import load_schema
 
     for column in load_schema().columns:
@@ -134,6 +139,6 @@ def test_schema_command_documents_every_column():
 @pytest.mark.parametrize(
     "spec", sorted(Path(__file__).parents[2].joinpath("jobs").glob("*.yaml")), ids=lambda p: p.name
 )
-def test_shipped_job_specs_are_valid(spec):
-    result = run_cli("validate", "--offline", str(spec))
-    assert result.returncode == 0, result.stderr
+def test_shipped_job_specs_are_valid(capsys, spec):
+    result = run_cli(capsys, "validate", "--offline", str(spec))
+    assert result.exit_code == 0, result.stderr
