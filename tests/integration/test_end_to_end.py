@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-from collections import Counter
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from support import base_job, read_output, upload
+from support import assert_exactly_once, base_job, read_output, upload
 
 from pipeline.cli import main
 from pipeline.schema import load_schema
@@ -16,17 +15,6 @@ from pipeline.testing.shards import write_shards
 
 JOB_QUESTION = "What colour is the background?"
 SAMPLE_QUESTION = "Is there a star?"
-
-
-def _expected_keys(paths: list[Path], bucket: str) -> Counter:
-    import tarfile
-
-    keys: Counter = Counter()
-    for path in paths:
-        with tarfile.open(path) as tar:
-            names = {m.name.split(".", 1)[0] for m in tar.getmembers()}
-        keys.update((f"s3://{bucket}/shards/{path.name}", name) for name in names)
-    return keys
 
 
 @pytest.fixture(scope="module")
@@ -80,10 +68,9 @@ def local_model_run(s3, ray_address, tiny_model, shard_files, tmp_path_factory):
 def test_run_completes_with_every_key_exactly_once(local_model_run, shard_files):
     assert local_model_run["exit_code"] == 0
     table = local_model_run["table"]
-    seen = Counter(zip(table.column("shard").to_pylist(), table.column("key").to_pylist()))
-    expected = _expected_keys(shard_files, local_model_run["bucket"])
-    assert seen == expected
-    assert all(n == 1 for n in seen.values())
+    assert_exactly_once(table, shard_files)
+    shards = {f"s3://{local_model_run['bucket']}/shards/{path.name}" for path in shard_files}
+    assert set(table.column("shard").to_pylist()) == shards
     assert table.column("error").null_count == table.num_rows
 
 

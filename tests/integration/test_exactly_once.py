@@ -262,13 +262,14 @@ from pipeline.runner import run_job
 from pipeline.storage import filesystem, resolve_storage
 
 job = JobConfig.model_validate(json.loads(sys.argv[1]))
-# Health checks every second, a node dead after three misses: the lost node is noticed in seconds
-# instead of Ray's default tens of seconds. A killed raylet refuses at once, so only it misses.
+# Health checks every second, a node dead after five misses in a row: the lost node is noticed in
+# about five seconds instead of Ray's default tens of seconds. A killed raylet refuses at once; a
+# live one on a busy machine still has three seconds to answer each check.
 fast_health_checks = {
     "health_check_initial_delay_ms": 1000,
     "health_check_period_ms": 1000,
-    "health_check_timeout_ms": 2000,
-    "health_check_failure_threshold": 3,
+    "health_check_timeout_ms": 3000,
+    "health_check_failure_threshold": 5,
 }
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "_system_config": fast_health_checks})
 worker = cluster.add_node(num_cpus=3)
