@@ -41,6 +41,10 @@ def ray_address(s3: LocalS3) -> str:
     ray.init(
         num_cpus=4,
         include_dashboard=False,
+        # Keep idle task workers (which have imported the stages) alive between the suite's runs,
+        # instead of Ray's default of killing those beyond num_cpus after a second, only to start
+        # and import them again at the next run's first read.
+        _system_config={"num_workers_soft_limit": 12, "idle_worker_killing_time_threshold_ms": 600_000},
         runtime_env={"env_vars": {"TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}},
         log_to_driver=False,
     )
