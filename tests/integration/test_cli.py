@@ -70,7 +70,8 @@ def test_missing_shards_exit_2_showing_the_pattern(capsys, s3, bucket, tiny_mode
 
 def test_unreachable_endpoint_exits_2(capsys, s3, bucket, tiny_model, write_job):
     dead = f"http://127.0.0.1:{free_port()}"
-    job = base_job(bucket, tiny_model, storage={"endpoint_url": dead})
+    # One attempt: the answer is the same after retries, only later (the retry policy has its own tests).
+    job = base_job(bucket, tiny_model, storage={"endpoint_url": dead}, retries={"attempts": 1})
     result = run_cli(capsys, "run", str(write_job(job)), ray_allowed=False)
     assert_stopped_before_ray(result, "cannot reach the storage endpoint", dead)
 
