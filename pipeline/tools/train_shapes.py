@@ -63,6 +63,7 @@ from pipeline.testing.shards import (
     random_scene,
 )
 from pipeline.testing.tiny_llava import LLAVA_CHAT_TEMPLATE, build_tokenizer
+from pipeline.tools.machine import cpu_model
 
 CAPTION_PROMPT: str = CaptionTask.model_fields["prompt"].default
 TAGS_PROMPT: str = TagsTask.model_fields["prompt"].default
@@ -495,7 +496,7 @@ def train(out: str | Path, settings: TrainSettings = TrainSettings(), *, snapsho
         # the same settings and thread count on the same machine give the same file
         "weights_sha256": hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest(),
         # another CPU model runs other float kernels, so its weights (and hash) differ slightly
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "torch": torch.__version__,
         "wall_seconds": round(elapsed, 1),
         # CPU time of this process and its drawing processes: what the run costs on 2 cores of its own,
@@ -516,14 +517,6 @@ def train(out: str | Path, settings: TrainSettings = TrainSettings(), *, snapsho
         f" (load average {record['load_average_after'][0]}, steal {record.get('cpu_steal_fraction', 'n/a')})"
     )
     return out
-
-
-def _cpu_model() -> str | None:
-    try:
-        with open("/proc/cpuinfo") as info:
-            return next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), None)
-    except OSError:
-        return None
 
 
 def main(argv: list[str] | None = None) -> int:

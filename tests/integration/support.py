@@ -92,17 +92,17 @@ class CliResult:
     stderr: str
 
 
-def run_cli(capsys: pytest.CaptureFixture[str], *args: str, ray_allowed: bool = True) -> CliResult:
+def run_cli(capsys: pytest.CaptureFixture[str], *args: str, runner_importable: bool = True) -> CliResult:
     """`llava-pipeline ARGS` in this process: exit code and what it printed.
 
-    With `ray_allowed=False` the runner cannot be imported, so a command that tried to start work
+    With `runner_importable=False` the runner cannot be imported, so a command that tried to start work
     fails loudly instead of answering: the check that a bad job stops before any Ray work.
     """
     from pipeline.cli import main
 
     capsys.readouterr()
     with pytest.MonkeyPatch.context() as patch:
-        if not ray_allowed:
+        if not runner_importable:
             patch.setitem(sys.modules, "pipeline.runner", None)
         try:
             exit_code = main(list(args))

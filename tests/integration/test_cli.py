@@ -44,26 +44,26 @@ def test_run_help_lists_overrides_and_exit_codes(capsys):
 def test_unknown_key_exits_2_naming_the_field(capsys, tmp_path, s3, bucket, tiny_model, write_job):
     job = base_job(bucket, tiny_model)
     job["tasks"] = {"captoin": {}}
-    result = run_cli(capsys, "run", str(write_job(job)), ray_allowed=False)
+    result = run_cli(capsys, "run", str(write_job(job)), runner_importable=False)
     assert_stopped_before_ray(result, "tasks.captoin: unknown field", "allowed here: caption, tags, vqa")
 
 
 def test_bad_url_scheme_exits_2(capsys, s3, bucket, tiny_model, write_job):
     job = base_job(bucket, tiny_model, input={"urls": ["ftps-nope://host/shard.tar"]})
-    result = run_cli(capsys, "run", str(write_job(job)), ray_allowed=False)
+    result = run_cli(capsys, "run", str(write_job(job)), runner_importable=False)
     assert_stopped_before_ray(result, "input.urls[0]: unsupported URL scheme 'ftps-nope'")
 
 
 def test_missing_shards_exit_2_showing_the_pattern(capsys, s3, bucket, tiny_model, write_job):
     pattern = f"s3://{bucket}/nothing-here/shard-{{000..009}}.tar"
     result = run_cli(
-        capsys, "run", str(write_job(base_job(bucket, tiny_model, input={"urls": [pattern]}))), ray_allowed=False
+        capsys, "run", str(write_job(base_job(bucket, tiny_model, input={"urls": [pattern]}))), runner_importable=False
     )
     assert_stopped_before_ray(result, "10 of 10 shard(s) do not exist", f"s3://{bucket}/nothing-here/shard-000.tar")
 
     glob = f"s3://{bucket}/nothing-here/*.tar"
     result = run_cli(
-        capsys, "run", str(write_job(base_job(bucket, tiny_model, input={"urls": [glob]}))), ray_allowed=False
+        capsys, "run", str(write_job(base_job(bucket, tiny_model, input={"urls": [glob]}))), runner_importable=False
     )
     assert_stopped_before_ray(result, f"no shards match {glob!r}")
 
@@ -72,14 +72,16 @@ def test_unreachable_endpoint_exits_2(capsys, s3, bucket, tiny_model, write_job)
     dead = f"http://127.0.0.1:{free_port()}"
     # One attempt: the answer is the same after retries, only later (the retry policy has its own tests).
     job = base_job(bucket, tiny_model, storage={"endpoint_url": dead}, retries={"attempts": 1})
-    result = run_cli(capsys, "run", str(write_job(job)), ray_allowed=False)
+    result = run_cli(capsys, "run", str(write_job(job)), runner_importable=False)
     assert_stopped_before_ray(result, "cannot reach the storage endpoint", dead)
 
 
 def test_missing_model_exits_2(capsys, s3, bucket, tmp_path, write_job):
     write_shards(tmp_path, shards=1, samples_per_shard=1)
     upload(s3, tmp_path / "shard-00000.tar", f"{bucket}/shards/shard-00000.tar")
-    result = run_cli(capsys, "run", str(write_job(base_job(bucket, tmp_path / "no-such-model"))), ray_allowed=False)
+    result = run_cli(
+        capsys, "run", str(write_job(base_job(bucket, tmp_path / "no-such-model"))), runner_importable=False
+    )
     assert_stopped_before_ray(result, "model.source:", "no-such-model")
 
 
@@ -87,7 +89,7 @@ def test_missing_output_bucket_exits_2(capsys, s3, bucket, tiny_model, tmp_path,
     write_shards(tmp_path, shards=1, samples_per_shard=1)
     upload(s3, tmp_path / "shard-00000.tar", f"{bucket}/shards/shard-00000.tar")
     job = base_job(bucket, tiny_model, output={"url": "s3://no-such-bucket-here/out/"})
-    result = run_cli(capsys, "run", str(write_job(job)), ray_allowed=False)
+    result = run_cli(capsys, "run", str(write_job(job)), runner_importable=False)
     assert_stopped_before_ray(result, "output.url: cannot write under s3://no-such-bucket-here/out/")
 
 
@@ -95,7 +97,7 @@ def test_validate_checks_without_writing(capsys, s3, bucket, tiny_model, tmp_pat
     write_shards(tmp_path, shards=2, samples_per_shard=1)
     for name in ("shard-00000.tar", "shard-00001.tar"):
         upload(s3, tmp_path / name, f"{bucket}/shards/{name}")
-    result = run_cli(capsys, "validate", str(write_job(base_job(bucket, tiny_model))), ray_allowed=False)
+    result = run_cli(capsys, "validate", str(write_job(base_job(bucket, tiny_model))), runner_importable=False)
     assert result.exit_code == 0, result.stderr
     assert "shards  2 to run:" in result.stdout and "tasks   caption" in result.stdout
     assert not s3.filesystem().exists(f"{bucket}/out")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import platform
-from pathlib import Path
+
+from pipeline.tools.machine import cpu_model
 
 
 def machine_facts() -> dict[str, object]:
@@ -12,7 +13,7 @@ def machine_facts() -> dict[str, object]:
 
     facts: dict[str, object] = {
         "cpus": os.cpu_count(),
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "memory_gib": round(_total_memory() / 2**30, 1),
         "load_average": [round(x, 2) for x in os.getloadavg()],
         "python": platform.python_version(),
@@ -29,16 +30,6 @@ def cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _total_memory() -> int:
