@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from pipeline.config import GenerationConfig, ModelConfig
+from pipeline.inputs import PixelScaling
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,7 @@ class Generator:
         self.device = resolve_device(config)
         self.dtype = resolve_dtype(config, self.device)
         self.tokenizer = processor.tokenizer
+        self.pixel_scaling = PixelScaling.of(processor.image_processor)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         kwargs: dict[str, object] = {"dtype": self.dtype, "trust_remote_code": config.trust_remote_code}
@@ -109,6 +111,8 @@ class Generator:
         inputs: dict[str, torch.Tensor] = {}
         for name, tensor in collate_images(images).items():
             tensor = self._to_device(tensor)
+            if name == "pixel_values" and tensor.dtype == torch.uint8:  # resized pixels, scaled here on the device
+                tensor = scale_pixels(tensor, self.pixel_scaling)
             inputs[name] = tensor.to(self.dtype) if tensor.is_floating_point() else tensor
         return inputs
 
@@ -260,6 +264,18 @@ def _by_token_limit(requests: Sequence[ImagePrompts], indices: Sequence[int]) ->
         for slot, limit in enumerate(requests[index].max_new_tokens):
             groups.setdefault(limit, []).append((index, slot))
     return groups
+
+
+def scale_pixels(pixels: torch.Tensor, scaling: PixelScaling) -> torch.Tensor:
+    """Resized `uint8` pixels (channels third from last) to the processor's float32 values, where they are."""
+    values = pixels.to(torch.float32)
+    if scaling.rescale_factor is not None:
+        values = values * scaling.rescale_factor
+    if scaling.mean is not None and scaling.std is not None:
+        mean = torch.tensor(scaling.mean, dtype=torch.float32, device=values.device).view(-1, 1, 1)
+        std = torch.tensor(scaling.std, dtype=torch.float32, device=values.device).view(-1, 1, 1)
+        values = (values - mean) / std
+    return values
 
 
 def collate_images(images: Sequence[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import io
 import warnings
 from dataclasses import dataclass
-from typing import Final
+from typing import Callable, Final
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -56,7 +56,9 @@ class ImageDecodeError(Exception):
 
 @dataclass(frozen=True)
 class DecodedImage:
-    """A fully loaded RGB image, detached from the bytes it came from."""
+    """A fully loaded RGB image, detached from the bytes it came from.
+
+    ``width`` and ``height`` are the upright image's full size, even where ``image`` was decoded smaller."""
 
     image: Image.Image
     width: int
@@ -64,10 +66,16 @@ class DecodedImage:
     format: str
 
 
-def decode_image(data: bytes, *, max_pixels: int) -> DecodedImage:
+# Given an image's stored (width, height), the smallest size it may be decoded at, or None for full size.
+DecodeSize = Callable[[int, int], "tuple[int, int] | None"]
+
+
+def decode_image(data: bytes, *, max_pixels: int, decode_size: DecodeSize | None = None) -> DecodedImage:
     """Decode ``data`` to an upright, fully loaded RGB image of at most ``max_pixels`` pixels.
 
-    Animated images yield their first frame, the frame a thumbnail shows.
+    Animated images yield their first frame, the frame a thumbnail shows. With ``decode_size``, a JPEG is
+    decoded at the smallest of 1/2, 1/4 or 1/8 scale that is still at least that size (Pillow's draft
+    mode: the codec skips detail instead of decoding it and resizing it away).
     Raises ``ImageDecodeError`` for any bytes that cannot make such an image.
     """
     if len(data) == 0:
@@ -85,6 +93,10 @@ def decode_image(data: bytes, *, max_pixels: int) -> DecodedImage:
                         "too_many_pixels",
                         f"image has {width * height} pixels, over the limit of {max_pixels}",
                     )
+                wanted = decode_size(width, height) if decode_size is not None and source.format == "JPEG" else None
+                if wanted is not None:
+                    source.draft(source.mode, wanted)  # the same mode: only the scale changes
+                stored = source.size
                 source.load()
                 image = _to_rgb(ImageOps.exif_transpose(source))
         except ImageDecodeError:
@@ -99,7 +111,9 @@ def decode_image(data: bytes, *, max_pixels: int) -> DecodedImage:
             ) from exc
         except Exception as exc:
             raise ImageDecodeError("corrupt_image", _describe_failure(source_format, exc)) from exc
-    return DecodedImage(image=image, width=image.width, height=image.height, format=source_format or "UNKNOWN")
+    if image.size != stored:  # turned upright by its EXIF orientation
+        width, height = height, width
+    return DecodedImage(image=image, width=width, height=height, format=source_format or "UNKNOWN")
 
 
 def _describe_failure(source_format: str | None, exc: Exception) -> str:

@@ -35,6 +35,7 @@ class PrepareStage(RowStage):
         self.tasks = tasks
         self.decode = decode
         self.builder = InputBuilder(load_processor(local_model_dir(model, files="processor"), model_config))
+        self.decode_size = self.builder.decode_size if decode.reduced_scale else None
         vqa = tasks.vqa
         self.job_questions = list(vqa.questions) if vqa else []
         self.sample_field = vqa.sample_field if vqa else None
@@ -53,7 +54,7 @@ class PrepareStage(RowStage):
 
     def _prepare(self, image_bytes: bytes, metadata: str | None) -> dict[str, object]:
         try:
-            decoded = decode_image(image_bytes, max_pixels=self.decode.max_image_pixels)
+            decoded = decode_image(image_bytes, max_pixels=self.decode.max_image_pixels, decode_size=self.decode_size)
         except ImageDecodeError as exc:
             return {"error": str(exc), "error_reason": exc.reason}
         result: dict[str, object] = {

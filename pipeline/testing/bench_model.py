@@ -137,3 +137,61 @@ def parameter_count(shape: str) -> int:
     with torch.device("meta"):
         model = LlavaForConditionalGeneration(llava_config(SHAPES[shape], build_tokenizer()))
     return sum(p.numel() for p in model.parameters())
+
+
+# Real checkpoints' preprocessing, for measuring the CPU stages (`llava-pipeline bench --model none`):
+# LLaVA-1.5 resizes the short side to 336 and crops the centre; LLaVA-NeXT also tiles the image at the best
+# of its grid resolutions (up to 672x672 or 1008x336: up to 5 tiles of 336 and 2,000+ image tokens).
+PROCESSOR_FAMILIES = ("llava-1.5", "llava-next")
+NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+
+
+def build_family_processor(family: str):
+    """The named family's processor at its real input size, with the locally trained tokenizer."""
+    from transformers import LlavaNextProcessor, LlavaProcessor
+
+    size = {"size": {"shortest_edge": 336}, "crop_size": {"height": 336, "width": 336}}
+    common = {
+        "tokenizer": build_tokenizer(),
+        "patch_size": 14,
+        "vision_feature_select_strategy": "default",
+        "num_additional_image_tokens": 1,
+        "chat_template": LLAVA_CHAT_TEMPLATE,
+    }
+    if family == "llava-1.5":
+        return LlavaProcessor(image_processor=_image_processor_class("CLIPImageProcessor")(**size), **common)
+    if family == "llava-next":
+        image_processor = _image_processor_class("LlavaNextImageProcessor")(**size, image_grid_pinpoints=NEXT_PINPOINTS)
+        return LlavaNextProcessor(image_processor=image_processor, **common)
+    raise ValueError(f"family must be one of {', '.join(PROCESSOR_FAMILIES)}, not {family!r}")
+
+
+def build_processor_checkpoint(path: str | Path, family: str) -> Path:
+    """A checkpoint directory holding the family's processor and a model config, but no weights: what the
+    prepare stage loads, and all a model stage that does not generate needs."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaNextConfig
+
+    path = Path(path)
+    marker = path / "bench_recipe.json"
+    recipe = {"family": family, "pinpoints": NEXT_PINPOINTS}
+    if marker.is_file() and json.loads(marker.read_text()) == recipe:
+        return path
+    processor = build_family_processor(family)
+    tokenizer = processor.tokenizer
+    vision = CLIPVisionConfig(image_size=336, patch_size=14)
+    text = LlamaConfig(
+        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id
+    )
+    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    if family == "llava-next":
+        config = LlavaNextConfig(
+            vision_config=vision, text_config=text, image_token_id=image_token_id, image_grid_pinpoints=NEXT_PINPOINTS
+        )
+    else:
+        config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=image_token_id)
+    path.mkdir(parents=True, exist_ok=True)
+    marker.unlink(missing_ok=True)
+    config.save_pretrained(path)
+    processor.save_pretrained(path)
+    marker.write_text(json.dumps(recipe))
+    return path

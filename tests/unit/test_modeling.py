@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from pixels import model_pixels
 
 from pipeline.config import GenerationConfig, ModelConfig
 from pipeline.errors import ConfigError
@@ -121,7 +122,8 @@ def test_token_ids_match_the_processor_exactly(
     # (32 / 8) ** 2 patches; the CLS token is dropped by vision_feature_select_strategy="default".
     assert ids[0].count(image_token_id) == 16
     assert set(arrays) == {"pixel_values"}
-    np.testing.assert_array_equal(arrays["pixel_values"], reference["pixel_values"][0])
+    assert arrays["pixel_values"].dtype == np.uint8, "pixels travel as uint8; the model actor scales them"
+    np.testing.assert_allclose(model_pixels(processor, arrays), reference["pixel_values"][0], rtol=0, atol=1e-6)
 
 
 def test_token_ids_for_several_prompts_share_one_image(processor, builder: InputBuilder) -> None:
