@@ -137,6 +137,13 @@ class OutputConfig(StrictModel):
         "written under it, named after the shard; the run summary goes to `_runs/<run_id>.json`.",
     )
     compression: Literal["zstd", "snappy", "gzip", "none"] = Field("zstd", description="Parquet compression codec.")
+    commit_threads: int = Field(
+        4,
+        ge=1,
+        le=64,
+        description="Shards the driver commits at once, on threads, while it goes on receiving rows. A commit is a "
+        "few object-store requests (stage, copy, marker), mostly waiting; one shard's steps stay in order.",
+    )
     mode: Literal["resume", "overwrite"] = Field(
         "resume",
         description="`resume`: shards with a completion marker (`_done/<name>.json`) are skipped, so a rerun "
@@ -313,7 +320,10 @@ class ReadStageConfig(StrictModel):
     concurrency: int | None = Field(None, ge=1, description="Most shards read at once. Unset: Ray Data decides.")
     num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per read task.")
     rows_per_block: int = Field(
-        64, ge=1, description="Samples per block handed downstream; smaller blocks start the model sooner."
+        64,
+        ge=1,
+        description="Most samples per block handed downstream (blocks also end at `ray.target_max_block_mb`); "
+        "smaller blocks start the model sooner.",
     )
 
     @property
@@ -464,6 +474,14 @@ class RayConfig(StrictModel):
     num_gpus: int | None = Field(None, ge=0, description="Local Ray only: GPUs. Unset: detected.")
     object_store_memory_mb: int | None = Field(None, ge=64, description="Local Ray only: object store size.")
     progress_bars: bool = Field(True, description="Show Ray Data's per-stage progress bars.")
+    target_max_block_mb: float = Field(
+        8.0,
+        gt=0,
+        description="Largest block Ray Data builds between stages, in MiB (the job dataset's "
+        "`target_max_block_size`). A task's output is held back until a block is full, so Ray's default of 128 MiB "
+        "keeps a shard's first rows from the model until 128 MiB of them are read or prepared; 8 MiB is about 50 "
+        "photos of 1024x768 as JPEG bytes, or 24 prepared 336-pixel images.",
+    )
 
 
 class JobConfig(StrictModel):

@@ -16,7 +16,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import ray
 import ray.data
@@ -75,13 +75,20 @@ def connect_ray(job: JobConfig) -> bool:
     return True
 
 
-def build_dataset(plan: Plan):
+def build_dataset(plan: Plan, stages: Sequence = STAGES):
     """The run's dataset: each declared stage applied in turn, the read stage first."""
     ray.data.DataContext.get_current().enable_progress_bars = plan.job.ray.progress_bars
     dataset = None
-    for stage in STAGES:
+    for stage in stages:
         dataset = stage.add_to(dataset, plan)
+        if dataset.context.target_max_block_size != _block_bytes(plan.job):
+            # Set on the source's dataset, which every later stage's dataset copies: this job's blocks only.
+            dataset.context.target_max_block_size = _block_bytes(plan.job)
     return dataset
+
+
+def _block_bytes(job: JobConfig) -> int:
+    return int(job.ray.target_max_block_mb * 1024 * 1024)
 
 
 @contextmanager
@@ -96,7 +103,9 @@ def ray_cluster(job: JobConfig) -> Iterator[None]:
             ray.shutdown()
 
 
-def _stream(plan: Plan, committer: ShardCommitter, stats: RunStats, echo) -> tuple[str, str | None, int]:
+def _stream(
+    plan: Plan, committer: ShardCommitter, stats: RunStats, echo, stages: Sequence
+) -> tuple[str, str | None, int]:
     """Drive the dataset to the end, committing shards as they complete; (status, error, exit code).
 
     When Ray loses part of the cluster under the run (a node, an actor, objects it held), the stream
@@ -109,16 +118,20 @@ def _stream(plan: Plan, committer: ShardCommitter, stats: RunStats, echo) -> tup
         while True:
             pending = [r.shard for r in committer.unfinished()]
             try:
-                dataset = build_dataset(dataclasses.replace(plan, shards=pending))
+                dataset = build_dataset(dataclasses.replace(plan, shards=pending), stages)
                 for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
                     faults.inject("driver.rows")
+                    arrived = time.perf_counter()
                     stats.observe(committer.admit(batch))  # counted once, however often a row was delivered
-                    committer.commit_ready()
+                    stats.observe_commits(committer.commit_ready())
+                    stats.driver_seconds += time.perf_counter() - arrived
                     progress.maybe_report(stats, committer)
+                stats.observe_commits(committer.drain())
                 break
             except Exception as exc:
                 if restarts >= plan.job.retries.stream_restarts or not is_cluster_fault(exc):
                     raise
+                stats.observe_commits(committer.drain())  # what is left unfinished is what the restart reads again
                 restarts += 1
                 stats.stream_restarts = restarts
                 log.warning(
@@ -141,6 +154,7 @@ def _stream(plan: Plan, committer: ShardCommitter, stats: RunStats, echo) -> tup
         log.debug("run failed", exc_info=True)
         return "failed", _describe_run_error(exc), 1
     finally:
+        committer.close()
         committer.cleanup_staging()
     return "completed", None, 0
 
@@ -170,9 +184,11 @@ def is_cluster_fault(error: BaseException) -> bool:
     )
 
 
-def run_job(job: JobConfig, *, echo=print) -> RunResult:
-    """Plan, run and summarise a job. Raises ConfigError before any work when the job cannot run."""
-    return run_plan(plan_job(job), echo=echo)
+def run_job(job: JobConfig, *, echo=print, stages: Sequence = STAGES) -> RunResult:
+    """Plan, run and summarise a job. Raises ConfigError before any work when the job cannot run.
+
+    `stages`: the declared stages (`pipeline.stages.STAGES`); the capacity benchmark swaps the model stage."""
+    return run_plan(plan_job(job), echo=echo, stages=stages)
 
 
 def retry_failed(job: JobConfig, *, reasons: frozenset[str] | None = None, echo=print) -> RunResult:
@@ -180,7 +196,7 @@ def retry_failed(job: JobConfig, *, reasons: frozenset[str] | None = None, echo=
     return run_plan(plan_retry_failed(job, reasons), echo=echo, command="retry-failed")
 
 
-def run_plan(plan: Plan, *, echo=print, command: str = "run") -> RunResult:
+def run_plan(plan: Plan, *, echo=print, command: str = "run", stages: Sequence = STAGES) -> RunResult:
     job = plan.job
     if not plan.shards:
         echo(
@@ -209,10 +225,11 @@ def run_plan(plan: Plan, *, echo=print, command: str = "run") -> RunResult:
         compression=job.output.compression,
         settings_digest=plan.settings_digest,
         patch=plan.selection is not None,
+        commit_threads=job.output.commit_threads,
     )
 
     with ray_cluster(job):
-        status, error, exit_code = _stream(plan, committer, stats, echo)
+        status, error, exit_code = _stream(plan, committer, stats, echo, stages)
     shards = list(committer.results.values())
     if status == "completed":
         breach = _failure_limits_breached(job, stats, shards)

@@ -30,6 +30,8 @@ class RunStats:
     failed_by_reason: Counter = field(default_factory=Counter)
     stage_seconds: Counter = field(default_factory=Counter)
     first_row_seconds: float | None = None
+    first_commit_seconds: float | None = None  # when the first shard's file and marker were in place
+    driver_seconds: float = 0.0  # the driver's own time on arriving rows: admitting, counting, committing
     stream_restarts: int = 0
     # Steady state, on the model stage's own clock: a model call stamps all its rows with one `processed_at`,
     # so the rows tell when each call ended, how long it ran and how many samples it answered. Keyed by that
@@ -54,22 +56,19 @@ class RunStats:
         seconds = rows.seconds_column("model")
         if "processed_at" not in table.column_names or seconds not in table.column_names:
             return
-        calls = (
-            pa.table(
-                {
-                    "end": table.column("processed_at").cast(pa.int64()),
-                    "seconds": table.column(seconds),
-                    "samples": pc.equal(table.column(rows.RECORD), rows.SAMPLE).cast(pa.int64()),
-                }
-            )
-            .group_by("end")
-            .aggregate([("seconds", "sum"), ("samples", "sum")])
-        )
-        for end, busy, count in zip(*(calls.column(n).to_pylist() for n in ("end", "seconds_sum", "samples_sum"))):
+        # A batch holds a few model calls at most: plain lists beat an Arrow group-by (4 ms a batch) here.
+        ends = table.column("processed_at").cast(pa.int64()).to_pylist()
+        busy = table.column(seconds).to_pylist()
+        records = table.column(rows.RECORD).to_pylist()
+        for end, spent, record in zip(ends, busy, records):
             if end is not None:
                 call = self.model_calls.setdefault(end, [0.0, 0])
-                call[0] += busy or 0.0
-                call[1] += count or 0
+                call[0] += spent or 0.0
+                call[1] += record == rows.SAMPLE
+
+    def observe_commits(self, committed: list) -> None:
+        if committed and self.first_commit_seconds is None:
+            self.first_commit_seconds = self.elapsed
 
     @property
     def failed(self) -> int:
@@ -139,6 +138,14 @@ def build_summary(outcome: RunOutcome) -> dict[str, object]:
         "stream_restarts": stats.stream_restarts,
         "images_per_second": round(stats.samples / wall, 3) if wall > 0 else None,
         "seconds_to_first_row": round(stats.first_row_seconds, 3) if stats.first_row_seconds is not None else None,
+        "seconds_to_first_commit": (
+            round(stats.first_commit_seconds, 3) if stats.first_commit_seconds is not None else None
+        ),
+        "driver": {
+            "busy_seconds": round(stats.driver_seconds, 3),
+            # What one driver could commit if rows arrived without pause: its capacity, not this run's rate.
+            "rows_per_busy_second": round(stats.samples / stats.driver_seconds, 1) if stats.driver_seconds else None,
+        },
         "stages": stages,
         "steady_state": _steady_state(stats),
     }

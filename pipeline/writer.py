@@ -10,6 +10,10 @@ and that many have arrived, then commits it in three steps through the output la
 2. copy it over `<name>.parquet` (one PUT/copy: readers see the old file or the new one, never half);
 3. write its completion marker (`_done/<name>.json`) last.
 
+Commits run on a few threads (`output.commit_threads`) while the driver goes on admitting rows: a
+commit is mostly waiting on the object store (each step is a request), and one shard's three steps
+stay in order on one thread. A failed commit fails the run when the driver next collects commits.
+
 A shard with a marker is finished: a rerun, a resumed run or tomorrow's incremental run skips it.
 A run killed between steps leaves at most a staged file (hidden: readers skip `_` paths) or a final
 file without its marker, which the next run rewrites under the same name: nothing is duplicated.
@@ -18,6 +22,7 @@ file without its marker, which the next run rewrites under the same name: nothin
 from __future__ import annotations
 
 import logging
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -72,6 +77,7 @@ class ShardCommitter:
         compression: str,
         settings_digest: str = "",
         patch: bool = False,
+        commit_threads: int = 1,
     ):
         self.layout = layout
         self.schema = schema
@@ -83,6 +89,9 @@ class ShardCommitter:
         self.results = {s.url: ShardResult(s) for s in shards}
         self.committed: list[ShardResult] = []
         self._ready: set[str] = set()
+        self._commit_threads = commit_threads
+        self._pool: ThreadPoolExecutor | None = None
+        self._in_flight: dict[str, Future] = {}
 
     @property
     def duplicates(self) -> int:
@@ -92,7 +101,7 @@ class ShardCommitter:
     def add(self, table: pa.Table) -> list[ShardResult]:
         """Take a batch of finished rows; returns the shards this batch completed and committed."""
         self.admit(table)
-        return self.commit_ready()
+        return self.commit_ready() + self.drain()
 
     def admit(self, table: pa.Table) -> pa.Table:
         """Record a batch; returns its rows minus samples already received (what the run's counters count)."""
@@ -123,14 +132,40 @@ class ShardCommitter:
         return pa.concat_tables(fresh_parts, promote_options="permissive")
 
     def commit_ready(self) -> list[ShardResult]:
-        """Commit every shard whose rows have all arrived."""
-        done = []
+        """Start committing every shard whose rows have all arrived; returns the shards whose commits
+        finished since the last call. A commit that failed raises here."""
         for url in sorted(self._ready):
             result = self.results[url]
-            if result.complete and not result.finished:
-                self._commit(result)
-                done.append(result)
+            if result.complete and not result.finished and url not in self._in_flight:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(self._commit_threads, thread_name_prefix="commit")
+                self._in_flight[url] = self._pool.submit(self._commit, result)
         self._ready.clear()
+        return self._collect(wait=False)
+
+    def drain(self) -> list[ShardResult]:
+        """Wait for every commit in flight; returns the shards they committed. A commit that failed raises here."""
+        return self._collect(wait=True)
+
+    def close(self) -> None:
+        """Let commits in flight finish (a run that is failing anyway only logs theirs), then stop the threads."""
+        for url, future in self._in_flight.items():
+            try:
+                future.result()
+            except Exception as exc:
+                log.warning("committing %s failed: %s", url, exc)
+        self._in_flight.clear()
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+    def _collect(self, *, wait: bool) -> list[ShardResult]:
+        done = []
+        for url, future in list(self._in_flight.items()):
+            if wait or future.done():
+                del self._in_flight[url]
+                future.result()
+                done.append(self.results[url])
         return done
 
     def _first_copies(self, result: ShardResult, part: pa.Table) -> pa.Table | None:
@@ -149,6 +184,7 @@ class ShardCommitter:
         return part if len(keep) == part.num_rows else part.take(pa.array(keep, pa.int64()))
 
     def unfinished(self) -> list[ShardResult]:
+        """Shards not committed (or known failed) yet; a commit in flight counts as unfinished."""
         return [r for r in self.results.values() if not r.finished]
 
     def _commit(self, result: ShardResult) -> None:

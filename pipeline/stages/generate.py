@@ -46,11 +46,7 @@ class GenerateStage(RowStage):
         tasks: TasksConfig,
         stage: ModelStageConfig,
     ):
-        from pipeline.generator import Generator
-
-        faults.inject("model.load")
-        model_dir = local_model_dir(model, files="all")
-        self.generator = Generator(model_dir, model_config, generation, load_processor(model_dir, model_config))
+        self.generator = self.load_generator(model, model_config, generation)
         self.batch_size = stage.batch_size
         self.max_new_tokens = {
             CAPTION: tasks.caption.max_new_tokens if tasks.caption else 0,
@@ -58,6 +54,14 @@ class GenerateStage(RowStage):
             VQA: tasks.vqa.max_new_tokens if tasks.vqa else 0,
         }
         self.watchdog = _Watchdog(stage.batch_timeout_s) if stage.batch_timeout_s else None
+
+    def load_generator(self, model: ModelSource, model_config: ModelConfig, generation: GenerationConfig):
+        """What answers the prompts: the checkpoint, fetched to this node once and loaded on this actor's device."""
+        from pipeline.generator import Generator
+
+        faults.inject("model.load")
+        model_dir = local_model_dir(model, files="all")
+        return Generator(model_dir, model_config, generation, load_processor(model_dir, model_config))
 
     def select(self, table: pa.Table) -> pa.ChunkedArray:
         """Every row the prepare stage gave prompts, even one that also recorded an error (bad metadata)."""

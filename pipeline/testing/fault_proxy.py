@@ -4,7 +4,9 @@ Point a job's `storage.endpoint_url` at it. A set fraction of requests is answer
 or 500 InternalError (S3's own XML error bodies, so clients classify them as they would AWS's), and
 a set fraction of GETs sends the status, the headers and half the body, then drops the connection.
 Requests for paths containing one of `forbidden` get 403 AccessDenied, every time, as a bucket
-policy would. Everything else is forwarded unchanged, Host header included (S3 signs it).
+policy would. Everything else is forwarded unchanged, Host header included (S3 signs it), after
+`latency_s` (a remote store's round trip, which a local server does not have; concurrent requests wait
+side by side, as they would on the network).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import http.client
 import random
 import socket
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -35,6 +38,7 @@ class FaultProxy:
     drop_rate: float = 0.05
     seed: int = 0
     forbidden: tuple[str, ...] = ()
+    latency_s: float = 0.0
     counts: Counter = field(default_factory=Counter)
     _server: ThreadingHTTPServer | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -113,6 +117,8 @@ class _ProxyHandler(BaseHTTPRequestHandler):
 
     def _handle(self) -> None:
         body = self._read_body()
+        if self.owner.latency_s:
+            time.sleep(self.owner.latency_s)
         action = self.owner.decide(self.command, self.path)
         if action.startswith("error_"):
             self._send_error(int(action.removeprefix("error_")))

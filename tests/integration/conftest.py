@@ -39,6 +39,7 @@ def ray_address(s3: LocalS3) -> str:
     import ray
 
     ray.init(
+        address="local",  # a Ray of the suite's own, even where another runs on this machine
         num_cpus=4,
         include_dashboard=False,
         # Keep idle task workers (which have imported the stages) alive between the suite's runs,
