@@ -78,3 +78,46 @@ def test_bench_runs_and_writes_its_figures(s3, ray_address, tmp_path: Path) -> N
     assert multitask["prompts_per_image"] == 5
     assert multitask["caption"]["images"] == multitask["all_tasks_shared_prefix"]["images"] == 4
     assert multitask["shared_cost_vs_caption"] > 0 and multitask["whole_prompts_cost_vs_caption"] > 0
+
+
+def test_capacity_bench_measures_every_stage_the_driver_and_a_fixed_answer_run(s3, ray_address, tmp_path: Path) -> None:
+    """`bench --model none` at its smallest: real photo-like JPEGs, the LLaVA-1.5 processor at 336 px, the
+    driver against the suite's S3 server, and a pipeline run whose model stage answers without a model."""
+    from pipeline.tools.bench.capacity import CapacityOptions, run_capacity
+
+    figures_path = tmp_path / "capacity.json"
+    options = CapacityOptions(
+        families=("llava-1.5",),
+        sizes=((1024, 768),),
+        per_size_images=2,
+        images=4,
+        shard_size=2,
+        prepare_actors=1,
+        driver_shards=2,
+        driver_rows_per_shard=20,
+        json_path=figures_path,
+        workdir=tmp_path / "work",
+    )
+    lines: list[str] = []
+    run_capacity(options, echo=lines.append, s3=s3)
+    out = "\n".join(lines)
+    assert "prepare" in out and "driver commits" in out and "first committed shard" in out
+
+    figures = json.loads(figures_path.read_text())
+    row = figures["per_core"]["llava-1.5"]["1024x768"]
+    for stage in ("read", "prepare", "prepare_float32_full_decode", "model_transfer", "parse"):
+        assert row[stage]["images_per_second_per_core"] > 0, stage
+    # 3 x 336 x 336 uint8 pixels and the prompt's ids: a quarter of the float32 arrays the code shipped before.
+    assert 3 * 336 * 336 <= row["prepare"]["bytes_out_per_image"] < 1.1 * 3 * 336 * 336
+    assert row["prepare_float32_full_decode"]["bytes_out_per_image"] > 4 * 3 * 336 * 336
+    assert [(d["commit_threads"], d["request_latency_ms"]) for d in figures["driver"]] == [
+        (1, 0),
+        (4, 0),
+        (1, 30),
+        (4, 30),
+    ]
+    assert all(d["rows_per_second"] > 0 for d in figures["driver"])
+    pipeline = figures["pipeline"]
+    assert pipeline["images"] == pipeline["succeeded"] == 4
+    assert 0 < pipeline["seconds_to_first_row"] <= pipeline["seconds_to_first_commit"] <= pipeline["wall_seconds"]
+    assert pipeline["driver"]["busy_seconds"] > 0

@@ -328,3 +328,41 @@ def test_patch_replaces_retried_rows_in_place(tmp_path: Path) -> None:
     assert written.column("run_id").to_pylist() == ["run-1", "run-2", "run-1", "run-2"]
     assert done.rows_replaced == 2
     assert json.loads((tmp_path / "out" / "_done" / "s.json").read_text())["rows_replaced"] == 2
+
+
+def test_commits_on_threads_overlap_the_driver_and_each_shard_commits_once(tmp_path: Path) -> None:
+    shards = [make_shard(tmp_path, f"shard-{i:05d}") for i in range(6)]
+    writer = ShardCommitter(
+        layout=layout(tmp_path),
+        shards=shards,
+        schema=SCHEMA,
+        constants=dict(CONSTANTS),
+        run_id="run-1",
+        compression="zstd",
+        commit_threads=4,
+    )
+    collected = []
+    for shard in shards:
+        writer.admit(batch(sample(shard, 0), sample(shard, 1), shard_end(shard, 2)))
+        collected += writer.commit_ready()
+        writer.admit(batch(sample(shard, 1)))  # a late repeat while its commit may be in flight: dropped
+    collected += writer.drain()
+    writer.close()
+
+    assert sorted(r.shard.name for r in collected) == [s.name for s in shards], "each shard reported once"
+    assert writer.unfinished() == [] and writer.duplicates == len(shards)
+    for shard in shards:
+        assert pq.read_table(tmp_path / "out" / f"{shard.name}.parquet").num_rows == 2
+
+
+def test_a_commit_that_fails_on_its_thread_fails_the_driver(tmp_path: Path) -> None:
+    shard = make_shard(tmp_path, "shard-00000")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "_done").write_text("a file where the markers' folder goes")
+    writer = committer(tmp_path, [shard])
+    writer.admit(batch(sample(shard, 0), shard_end(shard, 1)))
+    writer.commit_ready()
+    with pytest.raises(OSError):  # the marker cannot be written: the error reaches the driver's thread
+        writer.drain()
+    writer.close()
+    assert writer.unfinished() == [writer.results[shard.url]], "nothing vouches for the shard: the next run redoes it"

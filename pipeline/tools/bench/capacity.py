@@ -92,6 +92,9 @@ class CapacityOptions:
     shard_size: int = 128
     prepare_actors: int | None = None
     pipeline_family: str = "llava-1.5"
+    # The driver's commit rate: shards of realistic size (WebDataset shards hold hundreds to thousands of samples).
+    driver_shards: int = 8
+    driver_rows_per_shard: int = 1000
     json_path: Path | None = None
     workdir: Path = Path(".cache/bench")
     seed: int = 0
@@ -264,7 +267,7 @@ def driver_commit_rate(
 REMOTE_LATENCY_S = 0.03
 
 
-def driver_figures(parsed: pa.Table, s3, echo) -> list[dict[str, object]]:
+def driver_figures(parsed: pa.Table, s3, echo, *, shards: int, rows_per_shard: int) -> list[dict[str, object]]:
     """The driver's commit rate on the local server as it is, and behind `REMOTE_LATENCY_S` per request."""
     from pipeline.testing.fault_proxy import FaultProxy
 
@@ -274,7 +277,7 @@ def driver_figures(parsed: pa.Table, s3, echo) -> list[dict[str, object]]:
             driver_commit_rate(parsed, shards=1, rows_per_shard=8, batch_rows=16, s3=s3, endpoint_url=endpoint)
             for threads in (1, 4):
                 figures = driver_commit_rate(
-                    parsed, shards=8, rows_per_shard=1000, batch_rows=16, s3=s3, commit_threads=threads,
+                    parsed, shards=shards, rows_per_shard=rows_per_shard, batch_rows=16, s3=s3, commit_threads=threads,
                     endpoint_url=endpoint,
                 )  # fmt: skip
                 figures["request_latency_ms"] = round(1000 * latency)
@@ -414,7 +417,9 @@ def run_capacity(options: CapacityOptions, echo=print, *, s3=None) -> CapacityFi
             s3 = stack.enter_context(local_s3())
         stack.enter_context(s3.as_environment())
         if parsed is not None:
-            figures.driver = driver_figures(parsed, s3, echo)
+            figures.driver = driver_figures(
+                parsed, s3, echo, shards=options.driver_shards, rows_per_shard=options.driver_rows_per_shard
+            )
         figures.pipeline = run_capacity_pipeline(model_dir, mixed, options, echo, s3=s3)
     echo(render_capacity(figures))
     if options.json_path:
