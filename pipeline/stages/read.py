@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Iterator
 import pyarrow as pa
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from pipeline import rows
 from pipeline.config import InputConfig, ReadStageConfig, RetryConfig, StorageConfig
@@ -158,6 +157,10 @@ def read_shard(shard: Shard, reader: ShardReader) -> Iterator[pa.Table]:
     one begins, because webdataset yields whatever it had gathered when a stream breaks: a sample
     cut by a transient error is read again whole on the next try.
     """
+    # Imported here, in the read task only: webdataset imports torch (2-5 s of CPU) when it is installed,
+    # and every other process that loads the stages (the driver, parse workers) has no use for either.
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
     started = time.perf_counter()
     retries = reader.retries
     failures: list[str] = []
