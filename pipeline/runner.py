@@ -25,7 +25,8 @@ from pipeline import faults, rows
 from pipeline.config import JobConfig
 from pipeline.errors import PipelineError
 from pipeline.layout import OutputLayout
-from pipeline.plan import Plan, check_cluster_fits, plan_job, plan_retry_failed
+from pipeline.lease import OutputLease, output_lease
+from pipeline.plan import Plan, check_cluster_fits, new_run_id, plan_job, plan_retry_failed
 from pipeline.retry import error_chain
 from pipeline.schema import load_schema
 from pipeline.stages import STAGES
@@ -170,17 +171,33 @@ def is_cluster_fault(error: BaseException) -> bool:
     )
 
 
-def run_job(job: JobConfig, *, echo=print) -> RunResult:
-    """Plan, run and summarise a job. Raises ConfigError before any work when the job cannot run."""
-    return run_plan(plan_job(job), echo=echo)
+def run_job(job: JobConfig, *, echo=print, force_unlock: bool = False) -> RunResult:
+    """Plan, run and summarise a job, holding the output's lease from before planning to the end. Raises
+    ConfigError before any work when the job cannot run, LeaseHeld when another run writes the output."""
+    with output_lease(job, run_id=new_run_id(), command="run", force_unlock=force_unlock) as lease:
+        return run_plan(plan_job(job, run_id=lease.run_id), echo=echo, lease=lease)
 
 
-def retry_failed(job: JobConfig, *, reasons: frozenset[str] | None = None, echo=print) -> RunResult:
+def retry_failed(
+    job: JobConfig, *, reasons: frozenset[str] | None = None, echo=print, force_unlock: bool = False
+) -> RunResult:
     """Run again only the samples committed as error rows (of `reasons`, or all), replacing their rows."""
-    return run_plan(plan_retry_failed(job, reasons), echo=echo, command="retry-failed")
+    with output_lease(job, run_id=new_run_id(), command="retry-failed", force_unlock=force_unlock) as lease:
+        return run_plan(
+            plan_retry_failed(job, reasons, run_id=lease.run_id), echo=echo, command="retry-failed", lease=lease
+        )
 
 
-def run_plan(plan: Plan, *, echo=print, command: str = "run") -> RunResult:
+def run_plan(plan: Plan, *, echo=print, command: str = "run", lease: OutputLease | None = None) -> RunResult:
+    """Run a plan under the output's lease: `lease` when the caller took it before planning (so the plan
+    saw the prefix as no other run was changing it), else one taken here."""
+    if lease is None and plan.shards:
+        with output_lease(plan.job, run_id=plan.run_id, command=command) as lease:
+            return _run_leased(plan, echo, command, lease)
+    return _run_leased(plan, echo, command, lease)
+
+
+def _run_leased(plan: Plan, echo, command: str, lease: OutputLease | None) -> RunResult:
     job = plan.job
     if not plan.shards:
         echo(
@@ -197,7 +214,13 @@ def run_plan(plan: Plan, *, echo=print, command: str = "run") -> RunResult:
     what = (
         f"{sum(len(k) for k in plan.selection.values())} failed sample(s) in {len(plan.shards)} shard(s)"
         if plan.selection is not None
-        else f"{len(plan.shards)} shard(s)" + (f" ({len(plan.skipped)} already committed)" if plan.skipped else "")
+        else f"{len(plan.shards)} shard(s)"
+        + (f" ({len(plan.skipped)} already committed)" if plan.skipped else "")
+        + (
+            f" ({len(plan.repaired)} to repair: marked done, but the file is missing or changed)"
+            if plan.repaired
+            else ""
+        )
     )
     echo(f"{command} {plan.run_id}: {what} -> {job.output.url} with {job.model.source} ({', '.join(plan.tasks)})")
     committer = ShardCommitter(
@@ -209,7 +232,10 @@ def run_plan(plan: Plan, *, echo=print, command: str = "run") -> RunResult:
         compression=job.output.compression,
         settings_digest=plan.settings_digest,
         patch=plan.selection is not None,
+        guard=lease.assert_held if lease is not None else None,
     )
+    # Under the lease no other run is writing here: whatever is staged was left by killed runs.
+    plan.output.discard(plan.output.staging_root(), recursive=True)
 
     with ray_cluster(job):
         status, error, exit_code = _stream(plan, committer, stats, echo)
