@@ -20,6 +20,26 @@ exit codes: 0 the run completed within its failure limits (failed samples are ro
             130 interrupted.
 """
 
+VERIFY_DESCRIPTION = """\
+Audit an output prefix without changing it. Checked:
+  - every completion marker has its data file, with the size, SHA-256, row count and key set
+    the marker recorded;
+  - each file's rows belong to its marker's shard, and no sample (shard, key) is in two rows,
+    within a file or across files;
+  - every file matches the output schema of the version it declares in its Parquet metadata;
+  - no data file lacks a marker, and nothing is left under _staging/.
+Reads every data file once; writes nothing.
+"""
+
+VERIFY_EPILOG = """\
+exit codes: 0 the prefix is intact,
+            1 something is wrong (each finding is listed),
+            2 the prefix cannot be read.
+
+Storage settings come from --job (its output storage and retries), --endpoint-url, else the AWS
+environment (AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL, credentials, profiles).
+"""
+
 
 # Tool commands: name -> (module, one-line help). A tool's module is imported, and its full parser built, only
 # when it is the chosen command, so `run`, `retry-failed`, `validate` and `schema` never load pipeline.tools.
@@ -134,13 +154,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     verify = commands.add_parser(
         "verify",
         help="audit an output prefix: every committed file present, complete, unchanged and on schema",
-        description="Audit an output prefix without changing it: every completion marker has its data file, with "
-        "the size, SHA-256, row count and key set the marker recorded; no key appears twice within or across "
-        "files; every file matches the output schema version it declares; no data file lacks a marker and no "
-        "staged file was left behind. Reads every data file once.",
-        epilog="exit codes: 0 the prefix is intact, 1 something is wrong (each finding is listed), 2 the prefix "
-        "cannot be read.\n\nStorage settings come from --job (its output storage and retries), --endpoint-url, "
-        "else the AWS environment (AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL, credentials).",
+        description=VERIFY_DESCRIPTION,
+        epilog=VERIFY_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     verify.add_argument(

@@ -273,7 +273,8 @@ class OutputLease:
         except PipelineError:
             raise
         except Exception as exc:
-            self.layout.check_writable(write_probe=False)  # a missing bucket says so in its own words
+            if isinstance(exc, FileNotFoundError):
+                self.layout.check_writable(write_probe=False)  # a missing bucket says so in its own words
             raise ConfigError(
                 f"output.url: cannot take the lease {self.layout.url.rstrip('/')}/{self._lease_name}: "
                 f"{describe_storage_error(exc, self.layout.url, self.layout.storage)}"
@@ -408,6 +409,10 @@ class OutputLease:
         if version is None:
             current = self._store.read()
             taker = LeaseRecord.from_bytes(current[0]) if current else None
+            if taker is not None and taker.token == self.token:
+                # Our renewal went through but its answer was lost; a retry then failed against it.
+                self._held(current[1], taker)
+                return
             self._lose(
                 f"its lease on {self.layout.url} was taken by {taker.describe()} (--force-unlock?)"
                 if taker is not None

@@ -161,7 +161,13 @@ class _Sources:
 
 
 def _failed_keys(output: OutputLayout, name: str, reasons: frozenset[str] | None) -> list[str]:
-    table = output.read_data(name, columns=["key", "error_reason"])
+    try:
+        table = output.read_data(name, columns=["key", "error_reason"])
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{output.url.rstrip('/')}/{name}.parquet is marked done but missing: run `llava-pipeline run` on the job "
+            "first (a resume redoes it), then retry its failed rows"
+        ) from None
     failed = table.filter(pc.is_valid(table.column("error_reason")))
     if reasons is not None:
         failed = failed.filter(pc.is_in(failed.column("error_reason"), value_set=pa.array(sorted(reasons))))

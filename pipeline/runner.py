@@ -214,13 +214,7 @@ def _run_leased(plan: Plan, echo, command: str, lease: OutputLease | None) -> Ru
     what = (
         f"{sum(len(k) for k in plan.selection.values())} failed sample(s) in {len(plan.shards)} shard(s)"
         if plan.selection is not None
-        else f"{len(plan.shards)} shard(s)"
-        + (f" ({len(plan.skipped)} already committed)" if plan.skipped else "")
-        + (
-            f" ({len(plan.repaired)} to repair: marked done, but the file is missing or changed)"
-            if plan.repaired
-            else ""
-        )
+        else f"{len(plan.shards)} shard(s)" + _resume_note(plan)
     )
     echo(f"{command} {plan.run_id}: {what} -> {job.output.url} with {job.model.source} ({', '.join(plan.tasks)})")
     committer = ShardCommitter(
@@ -260,6 +254,13 @@ def _run_leased(plan: Plan, echo, command: str, lease: OutputLease | None) -> Ru
     summary_url = _write_summary(plan.output, plan.run_id, summary)
     echo(render_summary(summary, summary_url))
     return RunResult(summary=summary, summary_url=summary_url, exit_code=exit_code)
+
+
+def _resume_note(plan: Plan) -> str:
+    notes = [f"{len(plan.skipped)} already committed"] if plan.skipped else []
+    if plan.repaired:
+        notes.append(f"{len(plan.repaired)} to repair: marked done, but the file is missing or changed")
+    return f" ({'; '.join(notes)})" if notes else ""
 
 
 _EXCEPTION_LINE = re.compile(r"^(?!ray\.)[A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt)\b.*")

@@ -248,8 +248,8 @@ def audit(layout: OutputLayout) -> Audit:
             Finding(
                 "orphan",
                 data[name],
-                "no completion marker: a commit that did not finish (a resume "
-                "redoes it) or a file put there by hand; readers see its rows",
+                "no completion marker: a commit that did not finish (a resume over its shard redoes it) or a "
+                "file put there by hand; readers see its rows",
             )
         )
     for rel in sorted(rel for rel in objects if layout.is_staged(rel)):
@@ -272,8 +272,8 @@ def render(report: Audit) -> str:
     ]
     if report.partly_checked:
         lines.append(
-            f"  note      {len(report.partly_checked)} marker(s) predate recorded sizes and checksums: checked for "
-            f"rows and keys only, e.g. {report.partly_checked[0]}"
+            f"  note      {len(report.partly_checked)} marker(s) predate recorded sizes and checksums: only their "
+            f"row count is compared, e.g. {report.partly_checked[0]}"
         )
     if report.lease:
         lines.append(
@@ -281,10 +281,8 @@ def render(report: Audit) -> str:
             "here, so its files in flight show up as problems"
         )
     if report.ok:
-        lines.append(
-            "  checked   every marker has its file, with the size, SHA-256, rows and keys it recorded; every file "
-            "is on its schema; no key twice; no orphan or staged files"
-        )
+        lines.append("  checked   every marker has its file, with the size, SHA-256, rows and keys it recorded;")
+        lines.append("            every file is on its schema; no key twice; no orphan or staged files")
         return "\n".join(lines)
     lines.append("problems:")
     width = max(len(f.kind) for f in report.findings)

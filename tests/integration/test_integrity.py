@@ -30,8 +30,9 @@ from pipeline.lease import LeaseLost, OutputLease, read_lease
 from pipeline.storage import resolve_storage
 from pipeline.testing.shards import write_shards
 
-# A short lease, so that a killed holder's lease lapses within the test.
-SHORT_LEASE = {"expiry_s": 1.5, "heartbeat_s": 0.3}
+# The killed holder's lease, short so that it lapses within the test (the runs keep the default lease: a
+# heartbeat every fraction of a second could be late on a busy machine).
+SHORT_LEASE = {"expiry_s": 2, "heartbeat_s": 0.5}
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,7 @@ def committed(s3, ray_address, tiny_model, tmp_path_factory) -> dict[str, object
     shards = write_shards(here / "shards", shards=3, samples_per_shard=2, seed=5)
     for path in shards:
         upload(s3, path, f"{bucket}/shards/{path.name}")
-    job = base_job(bucket, tiny_model, output={"lease": SHORT_LEASE})
+    job = base_job(bucket, tiny_model)
     job_path = here / "job.yaml"
     job_path.write_text(yaml.safe_dump(job))
     assert main(["run", str(job_path), "--no-progress-bars"]) == 0
@@ -109,8 +110,9 @@ with output_lease(job, run_id="killed-run", command="run"):
 
 
 def test_a_killed_runs_lease_lapses_and_the_next_run_proceeds(capsys, committed):
+    short_lease_job = base_job(committed["bucket"], "unused", output={"lease": SHORT_LEASE})
     holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD_AND_WAIT, json.dumps(committed["job"])],
+        [sys.executable, "-c", HOLD_AND_WAIT, json.dumps(short_lease_job)],
         stdout=subprocess.PIPE,
         text=True,
         env=os.environ.copy(),

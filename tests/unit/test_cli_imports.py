@@ -62,12 +62,18 @@ def test_core_commands_load_no_tools_or_fixtures(tmp_path):
     assert _loaded(modules, *OFF_THE_RUN_PATH) == []
 
 
+def test_verify_loads_no_tools_fixtures_ray_or_torch(tmp_path):
+    # An empty prefix is a finding (exit 1): the audit ran through, on pyarrow and the store alone.
+    modules = _modules_after(f"assert main(['verify', {str(tmp_path / 'out')!r}]) == 1")
+    assert _loaded(modules, *OFF_THE_RUN_PATH, "ray", "torch") == []
+
+
 def test_top_level_help_lists_every_command_without_importing_tools():
     output, modules = _run_fresh(
         "try:\n    main(['--help'])\nexcept SystemExit as exit:\n    assert exit.code == 0, exit.code"
     )
     help_text = " ".join(output.split())
-    for command in ("run", "retry-failed", "validate", "schema", *TOOLS):
+    for command in ("run", "retry-failed", "validate", "verify", "schema", *TOOLS):
         assert f" {command} " in help_text, command
     for _, help_line in TOOLS.values():
         assert help_line in help_text

@@ -12,6 +12,7 @@ import pytest
 from test_writer import SCHEMA, batch, committer, layout, make_shard, sample, shard_end
 
 from pipeline import integrity
+from pipeline.cli import main
 from pipeline.integrity import Fingerprint, content_mismatch, keys_digest, listing_mismatch
 from pipeline.plan import _broken_commits
 from pipeline.verify import audit, render
@@ -180,3 +181,27 @@ def test_resume_repairs_a_file_whose_size_differs(tmp_path: Path, size_change: b
     path.write_bytes(data[:-10] if not size_change else data + size_change)
     [(name, reason)] = _broken_commits(out, out.objects(), ["shard-00000"]).items()
     assert name == "shard-00000" and reason.startswith("its data file is ") and "the marker recorded" in reason
+
+
+def test_verify_command_takes_the_prefix_and_storage_from_a_job(tmp_path: Path, capsys) -> None:
+    out, _ = commit_shards(tmp_path, ["shard-00000"])
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        json.dumps(
+            {
+                "name": "nightly",
+                "input": {"urls": [str(tmp_path / "in/*.tar")]},
+                "output": {"url": out.url},
+                "model": {"source": "org/model"},
+                "tasks": {"caption": {}},
+            }
+        )
+    )
+    assert main(["verify", "--job", str(job)]) == 0
+    assert capsys.readouterr().out.startswith(f"verify {out.url}: ok")
+    assert main(["verify", "--json", out.url]) == 0
+    assert json.loads(capsys.readouterr().out)["ok"] is True
+    assert main(["verify"]) == 2
+    assert "give OUTPUT_URL, or --job" in capsys.readouterr().err
+    assert main(["verify", out.url, "--endpoint-url", "minio:9000"]) == 2
+    assert "--endpoint-url: " in capsys.readouterr().err
