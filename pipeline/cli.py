@@ -282,6 +282,18 @@ def _validate(args: argparse.Namespace) -> int:
         print(f"  shards  {len(plan.shards)} to run: {first}" + (f" .. {last}" if len(plan.shards) > 1 else ""))
     if plan.skipped:
         print(f"  done    {len(plan.skipped)} shard(s) already committed (skipped unless --overwrite)")
+    if plan.repaired:
+        print(
+            f"  repair  {len(plan.repaired)} shard(s) marked done whose file is missing or changed (a run redoes them)"
+        )
+    from pipeline.lease import read_lease
+
+    try:
+        holder = read_lease(plan.output)
+    except Exception:  # validate answers about the job; the lease is only a hint here
+        holder = None
+    if holder is not None:
+        print(f"  lease   held by {holder.describe()} until {holder.expires_at}: a run now would exit 2")
     print(f"  output  {job.output.url}")
     print(f"  model   {job.model.source}")
     print(f"  tasks   {', '.join(plan.tasks)}")

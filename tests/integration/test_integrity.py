@@ -82,6 +82,8 @@ def test_a_second_writer_exits_2_naming_the_holder_and_force_unlock_takes_over(c
             assert f"expires at {read_lease(layout_of(committed)).expires_at[:16]}" in second.stderr
             assert "--force-unlock" in second.stderr
         holder.assert_held()
+        check = run_cli(capsys, "validate", committed["job_path"], runner_importable=False)
+        assert check.exit_code == 0 and "lease   held by run nightly-holder-run" in check.stdout, check.stdout
 
         forced = run_cli(capsys, "run", committed["job_path"], "--force-unlock")
         assert forced.exit_code == 0, forced.stderr
