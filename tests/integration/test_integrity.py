@@ -14,8 +14,10 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 
 import pyarrow.parquet as pq
@@ -26,7 +28,7 @@ from support import assert_exactly_once, base_job, read_output, run_cli, upload
 from pipeline.cli import main
 from pipeline.config import JobConfig, LeaseConfig
 from pipeline.layout import OutputLayout
-from pipeline.lease import LeaseLost, OutputLease, read_lease
+from pipeline.lease import LeaseHeld, LeaseLost, OutputLease, read_lease
 from pipeline.storage import resolve_storage
 from pipeline.testing.shards import write_shards
 
@@ -179,3 +181,36 @@ def test_verify_reports_damage_and_a_resume_repairs_it(capsys, s3, committed):
 
     clean = run_cli(capsys, "verify", committed["url"])
     assert clean.exit_code == 0, clean.stdout
+
+
+def _acquire_together(lease: OutputLease, start: threading.Barrier) -> str:
+    start.wait()
+    try:
+        lease.acquire()
+        return "won"
+    except LeaseHeld:
+        return "refused"
+
+
+def test_runs_racing_for_a_prefix_on_s3_get_one_lease_between_them(s3, bucket):
+    """The conditional create on a real S3 server: of runs that start at the same instant, one gets the lease."""
+    job = JobConfig.model_validate(base_job(bucket, "unused"))
+    storage = resolve_storage(job.storage_for("output"))
+    for round_ in range(3):
+        leases = [
+            OutputLease(
+                OutputLayout(f"s3://{bucket}/race-{round_}/", storage, job.retries),
+                run_id=f"run-{i}",
+                command="run",
+                job_name="nightly",
+                config=LeaseConfig(),
+            )
+            for i in range(6)
+        ]
+        start = threading.Barrier(len(leases))
+        with ThreadPoolExecutor(len(leases)) as pool:
+            outcomes = list(pool.map(lambda lease, start=start: _acquire_together(lease, start), leases))
+        assert sorted(outcomes) == ["refused"] * 5 + ["won"], outcomes
+        winner = leases[outcomes.index("won")]
+        assert read_lease(winner.layout).run_id == winner.run_id
+        winner.release()
