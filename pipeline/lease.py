@@ -10,8 +10,9 @@ How "only one wins" is enforced depends on the store:
 
 - S3 (and S3-compatible stores that implement conditional writes, as AWS S3 and MinIO do): the lease is
   created with `PutObject If-None-Match: *`, renewed and taken over with `If-Match: <ETag>` and deleted
-  with `If-Match`, so two runs racing for it cannot both get it, and a holder whose lease was broken
-  learns so at its next heartbeat instead of overwriting the new holder's lease.
+  with `If-Match` (a store that ignores a delete's condition deletes anyway, after this run has just
+  renewed the lease as its own), so two runs racing for it cannot both get it, and a holder whose lease
+  was broken learns so at its next heartbeat instead of overwriting the new holder's lease.
 - Local paths: created with `O_CREAT | O_EXCL` (atomic); renewals and takeovers compare the lease's
   content before replacing it, which is best-effort (a race in the instant between the two can be lost).
 - Other fsspec stores: best-effort throughout: look, write, read back and compare.
