@@ -47,9 +47,13 @@ def _job(tmp_path: Path, **extra: object) -> Path:
     return path
 
 
-def test_validate_offline_loads_no_tools_fixtures_ray_or_torch(tmp_path):
+def test_validate_offline_and_verify_load_no_tools_fixtures_ray_or_torch(tmp_path):
     job = _job(tmp_path)
-    modules = _modules_after(f"assert main(['validate', '--offline', {str(job)!r}]) == 0")
+    # verify: an empty prefix is a finding (exit 1), so the audit ran through, on pyarrow and the store alone.
+    modules = _modules_after(
+        f"assert main(['validate', '--offline', {str(job)!r}]) == 0\n"
+        f"assert main(['verify', {str(tmp_path / 'out')!r}]) == 1"
+    )
     assert "pipeline.cli" in modules and "pipeline.config" in modules
     assert _loaded(modules, *OFF_THE_RUN_PATH, "ray", "torch") == []
 
@@ -60,12 +64,6 @@ def test_core_commands_load_no_tools_or_fixtures(tmp_path):
     script = f"assert main(['run', {str(bad)!r}]) == 2\nassert main(['retry-failed', {str(bad)!r}]) == 2"
     _, modules = _run_fresh(script + "\nassert main(['schema']) == 0")
     assert _loaded(modules, *OFF_THE_RUN_PATH) == []
-
-
-def test_verify_loads_no_tools_fixtures_ray_or_torch(tmp_path):
-    # An empty prefix is a finding (exit 1): the audit ran through, on pyarrow and the store alone.
-    modules = _modules_after(f"assert main(['verify', {str(tmp_path / 'out')!r}]) == 1")
-    assert _loaded(modules, *OFF_THE_RUN_PATH, "ray", "torch") == []
 
 
 def test_top_level_help_lists_every_command_without_importing_tools():
