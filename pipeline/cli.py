@@ -1,5 +1,5 @@
-"""The `llava-pipeline` command: wiring only. The core commands (run, retry-failed, validate, schema) are defined
-here; the tool commands (demo, bench, eval) come from `TOOLS` and are imported only when they run."""
+"""The `llava-pipeline` command: wiring only. The core commands (run, retry-failed, validate, verify, schema) are
+defined here; the tool commands (demo, bench, eval) come from `TOOLS` and are imported only when they run."""
 
 from __future__ import annotations
 
@@ -15,8 +15,29 @@ EPILOG = """\
 exit codes: 0 the run completed within its failure limits (failed samples are rows with `error`
               set; see the summary), or there was nothing left to do,
             1 the run failed, or breached failures.max_failed_shards / max_failed_sample_fraction,
-            2 the job spec or its inputs are invalid (nothing was started),
+            2 the job spec or its inputs are invalid, or another run holds the output's lease
+              (nothing was started),
             130 interrupted.
+"""
+
+VERIFY_DESCRIPTION = """\
+Audit an output prefix without changing it. Checked:
+  - every completion marker has its data file, with the size, SHA-256, row count and key set
+    the marker recorded;
+  - each file's rows belong to its marker's shard, and no sample (shard, key) is in two rows,
+    within a file or across files;
+  - every file matches the output schema of the version it declares in its Parquet metadata;
+  - no data file lacks a marker, and nothing is left under _staging/.
+Reads every data file once; writes nothing.
+"""
+
+VERIFY_EPILOG = """\
+exit codes: 0 the prefix is intact,
+            1 something is wrong (each finding is listed),
+            2 the prefix cannot be read.
+
+Storage settings come from --job (its output storage and retries), --endpoint-url, else the AWS
+environment (AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL, credentials, profiles).
 """
 
 
@@ -37,6 +58,16 @@ TOOLS: dict[str, tuple[str, str]] = {
         "score a model on generated shapes through the pipeline (accuracy per task)",
     ),
 }
+
+
+def _add_force_unlock(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--force-unlock",
+        action="store_true",
+        help="take the output's lease (OUTPUT/_lease.json) even from a run that still holds it: for an operator "
+        "who knows that run is dead and cannot wait for its lease to expire (output.lease.expiry_s). A holder "
+        "that is in fact alive stops at its next heartbeat, without committing again",
+    )
 
 
 def _add_overrides(parser: argparse.ArgumentParser) -> None:
@@ -83,8 +114,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         "--overwrite",
         action="store_true",
         help="process every shard again, replacing committed files (output.mode: overwrite); by default shards "
-        "with a completion marker are skipped, so a rerun resumes and a nightly run takes only new shards",
+        "with a completion marker are skipped, so a rerun resumes and a nightly run takes only new shards "
+        "(and redoes any whose committed file is missing or changed)",
     )
+    _add_force_unlock(run)
 
     retry = commands.add_parser(
         "retry-failed",
@@ -105,6 +138,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         help="retry only rows with these error_reason codes (see `llava-pipeline schema`); default: every error row",
     )
     retry.add_argument("--no-progress-bars", action="store_true", help="hide Ray Data's progress bars")
+    _add_force_unlock(retry)
 
     validate = commands.add_parser(
         "validate",
@@ -116,6 +150,25 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     validate.add_argument(
         "--offline", action="store_true", help="check the spec's fields only; reach no storage and no model"
     )
+
+    verify = commands.add_parser(
+        "verify",
+        help="audit an output prefix: every committed file present, complete, unchanged and on schema",
+        description=VERIFY_DESCRIPTION,
+        epilog=VERIFY_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    verify.add_argument(
+        "output",
+        metavar="OUTPUT_URL",
+        nargs="?",
+        help="the output prefix, e.g. s3://bucket/captions/ (default: the --job's output.url)",
+    )
+    verify.add_argument(
+        "--job", metavar="JOB.yaml", help="take the storage settings (and, without OUTPUT_URL, the prefix) from a job"
+    )
+    verify.add_argument("--endpoint-url", metavar="URL", help="S3-compatible endpoint, e.g. http://minio:9000")
+    verify.add_argument("--json", action="store_true", help="print the findings as JSON instead of a report")
 
     _add_tool(commands, "demo", command)
 
@@ -154,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
             return _retry_failed(args)
         if args.command == "validate":
             return _validate(args)
+        if args.command == "verify":
+            return _verify(args)
         if args.command == "schema":
             return _schema(args)
         if args.command in TOOLS:
@@ -177,17 +232,20 @@ def _load(args: argparse.Namespace):
 
 
 def _run(args: argparse.Namespace) -> int:
-    from pipeline.plan import plan_job
+    from pipeline.lease import output_lease
+    from pipeline.plan import new_run_id, plan_job
 
     job = _load(args)
     if args.no_progress_bars:
         job = job.model_copy(update={"ray": job.ray.model_copy(update={"progress_bars": False})})
     if args.overwrite:
         job = job.model_copy(update={"output": job.output.model_copy(update={"mode": "overwrite"})})
-    plan = plan_job(job)  # every check that needs no Ray, so a bad job is answered before Ray or torch load
-    from pipeline.runner import run_plan
+    # The lease first, so the plan sees the prefix as no other run is changing it.
+    with output_lease(job, run_id=new_run_id(), command="run", force_unlock=args.force_unlock) as lease:
+        plan = plan_job(job, run_id=lease.run_id)  # every check that needs no Ray: a bad job is answered before Ray
+        from pipeline.runner import run_plan
 
-    return run_plan(plan).exit_code
+        return run_plan(plan, lease=lease).exit_code
 
 
 def _retry_failed(args: argparse.Namespace) -> int:
@@ -197,13 +255,17 @@ def _retry_failed(args: argparse.Namespace) -> int:
     unknown = sorted(set(args.reason or ()) - set(REASONS))
     if unknown:
         raise ConfigError(f"--reason: unknown error_reason {', '.join(unknown)} (known: {', '.join(REASONS)})")
+    from pipeline.lease import output_lease
+    from pipeline.plan import new_run_id
+
     job = _load(args)
     if args.no_progress_bars:
         job = job.model_copy(update={"ray": job.ray.model_copy(update={"progress_bars": False})})
-    plan = plan_retry_failed(job, frozenset(args.reason) if args.reason else None)
-    from pipeline.runner import run_plan
+    with output_lease(job, run_id=new_run_id(), command="retry-failed", force_unlock=args.force_unlock) as lease:
+        plan = plan_retry_failed(job, frozenset(args.reason) if args.reason else None, run_id=lease.run_id)
+        from pipeline.runner import run_plan
 
-    return run_plan(plan, command="retry-failed").exit_code
+        return run_plan(plan, command="retry-failed", lease=lease).exit_code
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -220,10 +282,28 @@ def _validate(args: argparse.Namespace) -> int:
         print(f"  shards  {len(plan.shards)} to run: {first}" + (f" .. {last}" if len(plan.shards) > 1 else ""))
     if plan.skipped:
         print(f"  done    {len(plan.skipped)} shard(s) already committed (skipped unless --overwrite)")
+    if plan.repaired:
+        print(
+            f"  repair  {len(plan.repaired)} shard(s) marked done whose file is missing or changed (a run redoes them)"
+        )
+    from pipeline.lease import read_lease
+
+    try:
+        holder = read_lease(plan.output)
+    except Exception:  # validate answers about the job; the lease is only a hint here
+        holder = None
+    if holder is not None:
+        print(f"  lease   held by {holder.describe()} until {holder.expires_at}: a run now would exit 2")
     print(f"  output  {job.output.url}")
     print(f"  model   {job.model.source}")
     print(f"  tasks   {', '.join(plan.tasks)}")
     return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from pipeline.verify import verify_command
+
+    return verify_command(args)
 
 
 def _schema(args: argparse.Namespace) -> int:

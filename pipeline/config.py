@@ -128,6 +128,32 @@ class InputConfig(StrictModel):
         return normalized
 
 
+class LeaseConfig(StrictModel):
+    """The lease a run holds on its output prefix (`_lease.json`) so that only one run writes there at a time.
+    A second run on the prefix stops (exit code 2) naming the holder; a killed run's lease lapses by itself."""
+
+    expiry_s: float = Field(
+        180.0,
+        ge=1,
+        description="Seconds a lease lasts unless renewed: how long a killed run's lease blocks the next run. "
+        "Hosts' clocks must agree to well within it.",
+    )
+    heartbeat_s: float = Field(
+        30.0,
+        gt=0,
+        description="Seconds between renewals. At most a third of `expiry_s`, so a renewal that meets a slow or "
+        "briefly unreachable store is retried before the lease runs out.",
+    )
+
+    @model_validator(mode="after")
+    def _heartbeat_well_inside_expiry(self) -> "LeaseConfig":
+        if self.heartbeat_s * 3 > self.expiry_s:
+            raise ValueError(
+                f"heartbeat_s ({self.heartbeat_s:g}) must be at most a third of expiry_s ({self.expiry_s:g})"
+            )
+        return self
+
+
 class OutputConfig(StrictModel):
     """Where the Parquet outputs and the run summary go."""
 
@@ -149,6 +175,9 @@ class OutputConfig(StrictModel):
         description="`resume`: shards with a completion marker (`_done/<name>.json`) are skipped, so a rerun "
         "finishes what a killed run left and a nightly run over a growing prefix processes only new shards. "
         "`overwrite`: every shard is processed again and its file and marker replaced.",
+    )
+    lease: LeaseConfig = Field(
+        default_factory=LeaseConfig, description="The run's lease on the prefix: one writer at a time."
     )
     storage: StorageConfig | None = Field(None, description="Overrides the top-level `storage` for outputs.")
 

@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline import integrity
 from pipeline.config import JobConfig, StorageConfig
 from pipeline.errors import ConfigError
 from pipeline.layout import OutputLayout
@@ -42,6 +43,8 @@ class Plan:
     vocabulary: frozenset[str] | None
     settings: str
     skipped: list[Shard] = field(default_factory=list)  # committed by an earlier run
+    # resume: shards whose marker vouched for a file that is gone or changed, redone here; URL -> why
+    repaired: dict[str, str] = field(default_factory=dict)
     # retry-failed: per shard URL, the keys of the samples to process again
     selection: dict[str, frozenset[str]] | None = None
 
@@ -68,13 +71,37 @@ def plan_job(job: JobConfig, *, run_id: str | None = None, read_only: bool = Fal
         lambda: expand_shards(job.input.urls, sources.input_storage), job.retries, "listing input.urls"
     )
     skipped: list[Shard] = []
+    repaired: dict[str, str] = {}
     if job.output.mode == "resume":
-        done = sources.output.committed()
-        skipped = [s for s in shards if s.name in done]
-        shards = [s for s in shards if s.name not in done]
+        objects = sources.output.objects()  # one listing: the markers and the data files they vouch for
+        done = {name for name in map(sources.output.marker_name, objects) if name is not None}
+        broken = _broken_commits(sources.output, objects, [s.name for s in shards if s.name in done])
+        skipped = [s for s in shards if s.name in done and s.name not in broken]
+        repaired = {s.url: broken[s.name] for s in shards if s.name in broken}
+        shards = [s for s in shards if s.name not in done or s.name in broken]
         if skipped:
             log.info("%d of %d shard(s) already committed; skipping them", len(skipped), len(skipped) + len(shards))
-    return sources.plan(run_id, shards, write_probe=not read_only, skipped=skipped)
+        for url, reason in repaired.items():
+            log.warning("%s is marked done but %s: redoing it", url, reason)
+    return sources.plan(run_id, shards, write_probe=not read_only, skipped=skipped, repaired=repaired)
+
+
+def _broken_commits(output: OutputLayout, objects: dict[str, dict[str, object]], names: list[str]) -> dict[str, str]:
+    """The committed shards (`names`) whose marker does not match their data file in the prefix's listing
+    (`objects`), with why. Each marker is read (in parallel); no data file is, except the Parquet footer of a
+    file whose marker predates recorded sizes (its row count is all such a marker has to compare).
+    """
+    listed = {name: info for rel, info in objects.items() if (name := output.data_name(rel)) is not None}
+    broken = {}
+    for name, marker in output.read_markers(names).items():
+        reason = integrity.listing_mismatch(marker, listed.get(name))
+        if reason is None and not integrity.is_fully_checkable(marker) and isinstance(marker.get("rows"), int):
+            rows = output.data_rows(name)
+            if rows != marker["rows"]:
+                reason = f"its data file has {rows} rows, the marker recorded {marker['rows']}"
+        if reason is not None:
+            broken[name] = reason
+    return broken
 
 
 def plan_retry_failed(job: JobConfig, reasons: frozenset[str] | None = None, *, run_id: str | None = None) -> Plan:
@@ -134,7 +161,13 @@ class _Sources:
 
 
 def _failed_keys(output: OutputLayout, name: str, reasons: frozenset[str] | None) -> list[str]:
-    table = output.read_data(name, columns=["key", "error_reason"])
+    try:
+        table = output.read_data(name, columns=["key", "error_reason"])
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{output.url.rstrip('/')}/{name}.parquet is marked done but missing: run `llava-pipeline run` on the job "
+            "first (a resume redoes it), then retry its failed rows"
+        ) from None
     failed = table.filter(pc.is_valid(table.column("error_reason")))
     if reasons is not None:
         failed = failed.filter(pc.is_in(failed.column("error_reason"), value_set=pa.array(sorted(reasons))))

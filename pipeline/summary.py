@@ -134,6 +134,8 @@ def build_summary(outcome: RunOutcome) -> dict[str, object]:
             "outputs": [r.output_path for r in shards if r.output_path],
             "rows_replaced": sum(r.rows_replaced for r in shards),
         },
+        # resume: shards marked done whose committed file was missing or changed, redone by this run
+        "repaired": [{"shard": url, "reason": reason} for url, reason in outcome.plan.repaired.items()],
         "duplicates_dropped": outcome.duplicates_dropped,
         "stream_restarts": stats.stream_restarts,
         "images_per_second": round(stats.samples / wall, 3) if wall > 0 else None,
@@ -193,6 +195,11 @@ def render_summary(summary: dict[str, object], summary_url: str | None) -> str:
     )
     for problem in shards["problems"]:
         lines.append(f"            {problem['status']}: {problem['shard']}: {problem['error'] or '-'}")
+    repaired = summary.get("repaired") or []
+    if repaired:
+        lines.append(f"  repaired  {len(repaired)} shard(s) marked done whose committed file was missing or changed:")
+        for repair in repaired:
+            lines.append(f"            {repair['shard']}: {repair['reason']}")
     lines.append(f"  wall      {summary['wall_seconds']:.1f} s, {summary['images_per_second'] or 0:.2f} images/s")
     stages = summary["stages"]
     assert isinstance(stages, dict)

@@ -8,7 +8,9 @@ and that many have arrived, then commits it in three steps through the output la
 
 1. stage it (`_staging/<run_id>/<name>.parquet`);
 2. copy it over `<name>.parquet` (one PUT/copy: readers see the old file or the new one, never half);
-3. write its completion marker (`_done/<name>.json`) last.
+3. write its completion marker (`_done/<name>.json`) last. The marker vouches for the file: its rows,
+   size, SHA-256 and key digest, and the store's ETag for it (`pipeline.integrity`), so a resume
+   notices a file lost or replaced since, and `llava-pipeline verify` can audit the prefix.
 
 Commits run on a few threads (`output.commit_threads`) while the driver goes on admitting rows: a
 commit is mostly waiting on the object store (each step is a request), and one shard's three steps
@@ -25,12 +27,13 @@ import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline import faults, rows
-from pipeline.layout import OutputLayout
+from pipeline import faults, integrity, rows
+from pipeline.layout import CommittedFile, OutputLayout
 from pipeline.schema import OutputSchema
 from pipeline.shards import Shard
 
@@ -64,7 +67,9 @@ class ShardResult:
 
 class ShardCommitter:
     """Commits each shard once all its rows arrived. With `patch`, a shard's arriving rows (retry-failed)
-    replace, by key, the rows of its committed file instead of making a new one."""
+    replace, by key, the rows of its committed file instead of making a new one. `guard`, when given, is
+    called before each commit and raises when this run may no longer write (its lease on the prefix was lost).
+    """
 
     def __init__(
         self,
@@ -78,6 +83,7 @@ class ShardCommitter:
         settings_digest: str = "",
         patch: bool = False,
         commit_threads: int = 1,
+        guard: Callable[[], None] | None = None,
     ):
         self.layout = layout
         self.schema = schema
@@ -86,6 +92,7 @@ class ShardCommitter:
         self.compression = None if compression == "none" else compression
         self.settings_digest = settings_digest
         self.patch = patch
+        self.guard = guard
         self.results = {s.url: ShardResult(s) for s in shards}
         self.committed: list[ShardResult] = []
         self._ready: set[str] = set()
@@ -196,19 +203,22 @@ class ShardCommitter:
             # No file and no marker: the next run tries the shard again.
             result.finished = True
             return
+        if self.guard is not None:
+            self.guard()
         name = result.shard.name
         table = self._conform(result)
         if self.patch:
             table, result.rows_replaced = self._patched(name, table, result.shard.url)
         staged = self.layout.stage(self.run_id, name, table, self.compression)
         faults.inject("driver.commit")
-        final = self.layout.publish(staged, name)
-        self.layout.write_marker(name, self._marker(result, final, table))
+        committed = self.layout.publish(staged, name)
+        self.layout.write_marker(name, self._marker(result, committed, table))
         faults.inject("driver.committed")
         try:
-            self.layout.discard(staged)
+            self.layout.discard(staged.path)
         except Exception as exc:  # the staging prefix is removed at the end of the run anyway
-            log.debug("could not remove %s: %s", staged, exc)
+            log.debug("could not remove %s: %s", staged.path, exc)
+        final = committed.path
         result.output_path = final
         result.rows_written = table.num_rows
         result.finished = True
@@ -216,11 +226,11 @@ class ShardCommitter:
         self.committed.append(result)
         log.debug("committed %s (%d rows)", final, table.num_rows)
 
-    def _marker(self, result: ShardResult, final: str, table: pa.Table) -> dict[str, object]:
+    def _marker(self, result: ShardResult, committed: CommittedFile, table: pa.Table) -> dict[str, object]:
         failed = table.num_rows - (pc.sum(pc.is_null(table.column("error"))).as_py() or 0)
         marker: dict[str, object] = {
             "shard": result.shard.url,
-            "output": final,
+            "output": committed.path,
             "status": result.status,
             "error": result.error,
             "rows": table.num_rows,
@@ -228,6 +238,7 @@ class ShardCommitter:
             "run_id": self.run_id,
             "settings_sha256": self.settings_digest,
             "committed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            **integrity.marker_fields(committed.fingerprint, committed.etag, table.column("key").to_pylist()),
         }
         if self.patch:
             marker["rows_replaced"] = result.rows_replaced

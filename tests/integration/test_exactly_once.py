@@ -104,12 +104,14 @@ def _fault_env(state_dir: Path, rules: dict) -> dict[str, str]:
     return {faults.ENV: json.dumps({"state_dir": str(state_dir), "rules": rules})}
 
 
-def _run_cli_process(job_path: Path, ray_address: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+def _run_cli_process(
+    job_path: Path, ray_address: str, env: dict[str, str], *options: str
+) -> subprocess.CompletedProcess:
     """`llava-pipeline run` in its own process, joined to the session's Ray: a process to kill."""
     environment = {k: v for k, v in os.environ.items() if k != faults.ENV}
     environment.update({"RAY_ADDRESS": ray_address, **env})
     return subprocess.run(
-        [SCRIPT, "run", str(job_path), "--no-progress-bars"],
+        [SCRIPT, "run", str(job_path), "--no-progress-bars", *options],
         capture_output=True,
         text=True,
         timeout=300,
@@ -133,9 +135,16 @@ def test_driver_killed_at_each_point_then_rerun_finishes_exactly_once(
     assert "Started a local Ray instance" not in killed.stderr, "the driver should have joined RAY_ADDRESS"
     assert markers() == 0
 
+    # The killed driver's lease would lapse after output.lease.expiry_s; an operator who knows it is dead takes
+    # it at once (the lapse itself is tested in test_integrity.py).
+    assert fs.exists(f"{bucket}/out/_lease.json")
+
     # Mid-commit: two shards are committed, the third is staged but not yet in place.
     killed = _run_cli_process(
-        job_path, ray_address, _fault_env(tmp_path / "f2", {"driver.commit": {"action": "kill", "skip": 2}})
+        job_path,
+        ray_address,
+        _fault_env(tmp_path / "f2", {"driver.commit": {"action": "kill", "skip": 2}}),
+        "--force-unlock",
     )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert markers() == 2
@@ -143,7 +152,8 @@ def test_driver_killed_at_each_point_then_rerun_finishes_exactly_once(
     assert len(read_output(s3, f"s3://{bucket}/out/")) == 10  # readers see only the committed shards
 
     # The rerun is not about the process: it runs in this one, on the same Ray.
-    assert main(["run", str(job_path), "--no-progress-bars"]) == 0
+    assert main(["run", str(job_path), "--no-progress-bars", "--force-unlock"]) == 0
+    assert not fs.exists(f"{bucket}/out/_lease.json")
     [summary_path] = [p for p in fs.glob(f"{bucket}/out/_runs/*.json")]
     summary = json.loads(fs.cat_file(summary_path))
     # The rerun read 4 of the 6 shards: two thirds of the work of a full run.

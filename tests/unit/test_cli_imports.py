@@ -47,9 +47,13 @@ def _job(tmp_path: Path, **extra: object) -> Path:
     return path
 
 
-def test_validate_offline_loads_no_tools_fixtures_ray_or_torch(tmp_path):
+def test_validate_offline_and_verify_load_no_tools_fixtures_ray_or_torch(tmp_path):
     job = _job(tmp_path)
-    modules = _modules_after(f"assert main(['validate', '--offline', {str(job)!r}]) == 0")
+    # verify: an empty prefix is a finding (exit 1), so the audit ran through, on pyarrow and the store alone.
+    modules = _modules_after(
+        f"assert main(['validate', '--offline', {str(job)!r}]) == 0\n"
+        f"assert main(['verify', {str(tmp_path / 'out')!r}]) == 1"
+    )
     assert "pipeline.cli" in modules and "pipeline.config" in modules
     assert _loaded(modules, *OFF_THE_RUN_PATH, "ray", "torch") == []
 
@@ -67,7 +71,7 @@ def test_top_level_help_lists_every_command_without_importing_tools():
         "try:\n    main(['--help'])\nexcept SystemExit as exit:\n    assert exit.code == 0, exit.code"
     )
     help_text = " ".join(output.split())
-    for command in ("run", "retry-failed", "validate", "schema", *TOOLS):
+    for command in ("run", "retry-failed", "validate", "verify", "schema", *TOOLS):
         assert f" {command} " in help_text, command
     for _, help_line in TOOLS.values():
         assert help_line in help_text

@@ -39,7 +39,7 @@ def test_stage_then_publish_leaves_only_the_data_file_once_staging_is_discarded(
     out = layout(tmp_path)
     table = pa.table({"key": ["k0", "k1"]})
     staged = out.stage("run-1", "s-0", table, "zstd")
-    final = out.publish(staged, "s-0")
+    final = out.publish(staged, "s-0").path
     out.discard(out.staging_dir("run-1"), recursive=True)
     assert final == out.data_path("s-0")
     assert out.read_data("s-0").column("key").to_pylist() == ["k0", "k1"]
