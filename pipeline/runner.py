@@ -185,9 +185,7 @@ def is_cluster_fault(error: BaseException) -> bool:
     )
 
 
-def run_job(
-    job: JobConfig, *, echo=print, force_unlock: bool = False, stages: Sequence = STAGES
-) -> RunResult:
+def run_job(job: JobConfig, *, echo=print, force_unlock: bool = False, stages: Sequence = STAGES) -> RunResult:
     """Plan, run and summarise a job, holding the output's lease from before planning to the end. Raises
     ConfigError before any work when the job cannot run, LeaseHeld when another run writes the output.
 
