@@ -123,7 +123,12 @@ def test_driver_killed_at_each_point_then_rerun_finishes_exactly_once(
     s3, ray_address, tiny_model, bucket, tmp_path, write_job
 ):
     local = make_shards(s3, bucket, tmp_path, shards=6, samples=5)
-    job_path = write_job(base_job(bucket, tiny_model, stages={"read": {"num_cpus": 0.25, "rows_per_block": 2}}))
+    # One commit at a time, so "killed at the third commit" means two shards are in place; with commits on
+    # several threads the kill would also cut the others short, which the rerun repairs just the same.
+    job = base_job(
+        bucket, tiny_model, stages={"read": {"num_cpus": 0.25, "rows_per_block": 2}}, output={"commit_threads": 1}
+    )
+    job_path = write_job(job)
     fs = s3.filesystem()
 
     def markers() -> int:
