@@ -4,6 +4,7 @@
     _staging/<run_id>/<name>.parquet  written first, copied into place, then removed
     _done/<name>.json                 the shard's completion marker, written last
     _runs/<run_id>.json               a run's summary
+    _runs/<run_id>.html               a run's report (pipeline.report), for people
 
 Readers skip `_` paths, so only committed files are ever seen as data. Planning, the committer and
 the runner ask this object for paths, markers and the filesystem; none of them spells a path.
@@ -31,6 +32,7 @@ DONE_DIR = "_done"
 RUNS_DIR = "_runs"
 DATA_SUFFIX = ".parquet"
 MARKER_SUFFIX = ".json"
+REPORT_SUFFIX = ".html"
 
 T = TypeVar("T")
 
@@ -66,6 +68,12 @@ class OutputLayout:
     def summary_url(self, run_id: str) -> str:
         """The summary's address as the user wrote the prefix (`s3://...`), for messages."""
         return join(self.url, RUNS_DIR, f"{run_id}.json")
+
+    def report_path(self, run_id: str) -> str:
+        return join(self.root, RUNS_DIR, f"{run_id}{REPORT_SUFFIX}")
+
+    def report_url(self, run_id: str) -> str:
+        return join(self.url, RUNS_DIR, f"{run_id}{REPORT_SUFFIX}")
 
     # --- operations --------------------------------------------------------------------------------------
 
@@ -153,15 +161,20 @@ class OutputLayout:
             pass
 
     def write_summary(self, run_id: str, text: str) -> str:
-        path = self.summary_path(run_id)
+        self._write_text(self.summary_path(run_id), text)
+        return self.summary_url(run_id)
 
+    def write_report(self, run_id: str, html: str) -> str:
+        self._write_text(self.report_path(run_id), html)
+        return self.report_url(run_id)
+
+    def _write_text(self, path: str, text: str) -> None:
         def write() -> None:
             self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
             with self.fs.open(path, "wb") as handle:
                 handle.write(text.encode())
 
         self.retry(write, f"writing {path}")
-        return self.summary_url(run_id)
 
     def check_writable(self, *, write_probe: bool) -> None:
         """Check the prefix's bucket exists, then (unless read-only) write and delete a probe, so a missing

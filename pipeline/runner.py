@@ -21,7 +21,7 @@ from typing import Iterator
 import ray
 import ray.data
 
-from pipeline import faults, rows
+from pipeline import faults, metrics, rows
 from pipeline.config import JobConfig
 from pipeline.errors import PipelineError
 from pipeline.layout import OutputLayout
@@ -78,6 +78,7 @@ def connect_ray(job: JobConfig) -> bool:
 def build_dataset(plan: Plan):
     """The run's dataset: each declared stage applied in turn, the read stage first."""
     ray.data.DataContext.get_current().enable_progress_bars = plan.job.ray.progress_bars
+    metrics.label_dataset(plan.job.name, plan.run_id)
     dataset = None
     for stage in STAGES:
         dataset = stage.add_to(dataset, plan)
@@ -104,6 +105,7 @@ def _stream(plan: Plan, committer: ShardCommitter, stats: RunStats, echo) -> tup
     committer already holds stay; rows delivered again are dropped by the committer.
     """
     progress = _Progress(echo, len(plan.shards))
+    live = metrics.DriverMetrics(plan.job.name, plan.run_id)
     restarts = 0
     try:
         while True:
@@ -112,8 +114,11 @@ def _stream(plan: Plan, committer: ShardCommitter, stats: RunStats, echo) -> tup
                 dataset = build_dataset(dataclasses.replace(plan, shards=pending))
                 for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
                     faults.inject("driver.rows")
-                    stats.observe(committer.admit(batch))  # counted once, however often a row was delivered
-                    committer.commit_ready()
+                    admitted = committer.admit(batch)
+                    stats.observe(admitted)  # counted once, however often a row was delivered
+                    live.observe(admitted, stats)
+                    for finished in committer.commit_ready():
+                        live.shard_finished(finished.status)
                     progress.maybe_report(stats, committer)
                 break
             except Exception as exc:
@@ -231,6 +236,7 @@ def run_plan(plan: Plan, *, echo=print, command: str = "run") -> RunResult:
             error=error,
         )
     )
+    summary["report_url"] = _write_report(plan.output, plan.run_id, summary)
     summary_url = _write_summary(plan.output, plan.run_id, summary)
     echo(render_summary(summary, summary_url))
     return RunResult(summary=summary, summary_url=summary_url, exit_code=exit_code)
@@ -269,6 +275,20 @@ def _failure_limits_breached(job: JobConfig, stats: RunStats, shards: list[Shard
             f"failures.max_failed_sample_fraction={limits.max_failed_sample_fraction:g} ({top})"
         )
     return "; and ".join(reasons) or None
+
+
+def _write_report(output: OutputLayout, run_id: str, summary: dict[str, object]) -> str | None:
+    from pipeline.report import render_report
+
+    try:
+        return output.write_report(run_id, render_report(summary))
+    except Exception as exc:
+        log.error(
+            "could not write the run report to %s: %s",
+            output.report_url(run_id),
+            describe_storage_error(exc, output.url, output.storage),
+        )
+        return None
 
 
 def _write_summary(output: OutputLayout, run_id: str, summary: dict[str, object]) -> str | None:

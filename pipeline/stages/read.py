@@ -21,6 +21,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from pipeline import rows
 from pipeline.config import InputConfig, ReadStageConfig, RetryConfig, StorageConfig
+from pipeline.metrics import StageMetrics
 from pipeline.retry import backoff, is_transient
 from pipeline.shards import Shard
 from pipeline.storage import describe_storage_error, filesystem
@@ -94,7 +95,7 @@ class WebDatasetShards(Datasource):
         # One task per shard whatever `parallelism` says: the shard is the unit of retry, output and resume.
         return [
             ReadTask(
-                functools.partial(read_shard, shard, self._reader),
+                functools.partial(_counted_blocks, shard, self._reader),
                 BlockMetadata(num_rows=None, size_bytes=shard.size, exec_stats=None, input_files=(shard.url,)),
                 schema=rows.READ_SCHEMA,
             )
@@ -148,6 +149,18 @@ class _Block:
 
     def table(self) -> pa.Table:
         return pa.Table.from_pydict(self.columns, schema=rows.READ_SCHEMA)
+
+
+def _counted_blocks(shard: Shard, reader: ShardReader) -> Iterator[pa.Table]:
+    """`read_shard`'s blocks, each counted in the live metrics as the read stage's batch."""
+    metrics = StageMetrics.current(READ.name)
+    last = time.perf_counter()
+    for table in read_shard(shard, reader):
+        now = time.perf_counter()
+        metrics.received(table)
+        metrics.handed_on(table, table.column("error_reason").to_pylist(), now - last)
+        last = now
+        yield table
 
 
 def read_shard(shard: Shard, reader: ShardReader) -> Iterator[pa.Table]:

@@ -133,7 +133,7 @@ def test_shard_is_written_once_all_rows_arrived_out_of_order(tmp_path: Path, end
     assert written.column("processed_at").to_pylist() == [NOW] * 5
     assert written.schema.metadata[b"llava_pipeline.run_id"] == b"run-1"
     assert written.schema.metadata[b"llava_pipeline.shard"] == shard.url.encode()
-    assert written.schema.metadata[b"llava_pipeline.schema_version"] == b"1"
+    assert written.schema.metadata[b"llava_pipeline.schema_version"] == str(SCHEMA.version).encode()
     assert writer.committed == [done]
     assert writer.unfinished() == []
 
