@@ -63,6 +63,7 @@ def connect_ray(job: JobConfig) -> bool:
     else:
         log.info("starting a local Ray")
         ray.init(
+            address="local",  # a new one, even where another Ray runs on this machine (ray.init would join it)
             num_cpus=job.ray.num_cpus,
             num_gpus=job.ray.num_gpus,
             object_store_memory=job.ray.object_store_memory_mb * 1024 * 1024
