@@ -89,11 +89,30 @@ def render_report(summary: dict) -> str:
         f'<h1>{_e(title)}: <span class="status-{_e(status)}" id="status">{_e(status)}</span></h1>'
         f"<div>{_e(summary['command'])} started {_e(summary['started_at'])}, {summary['wall_seconds']:.1f} s, "
         f"{samples['read']} samples, model {_e(summary['model'])}</div>"
+        + _usage_line(summary)
         + (f'<p class="status-failed">{_e(summary["error"])}</p>' if summary.get("error") else "")
         + f'<div class="grid">{"".join(figures)}</div>'
         + _summary_table(summary)
         + "</body></html>\n"
     )
+
+
+def _usage_line(summary: dict) -> str:
+    """Tokens and what the model's time cost, under the title."""
+    tokens, cost = summary.get("tokens"), summary.get("cost")
+    parts = []
+    if tokens:
+        parts.append(f"{tokens['prompt']:,} prompt and {tokens['generated']:,} generated tokens")
+    if cost:
+        on_gpus = cost.get("gpu_seconds") is not None
+        seconds = cost["gpu_seconds"] if on_gpus else cost["model_actor_seconds"]
+        parts.append(f"{seconds:,.1f} {'GPU' if on_gpus else 'model-actor'}-seconds")
+        if cost.get("run_usd") is not None:
+            line = f'<span id="run-cost">${cost["run_usd"]:,.4f}</span> at ${cost["gpu_hour_usd"]:g}/{_e(cost["billed_unit"])}'
+            if cost.get("per_million_images_usd") is not None:
+                line += f", ${cost['per_million_images_usd']:,.2f} per million images"
+            parts.append(line)
+    return f'<div class="usage">{"; ".join(parts)}</div>' if parts else ""
 
 
 def _e(value: object) -> str:
