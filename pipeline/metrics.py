@@ -101,6 +101,12 @@ def _metric(name: str):
     return found
 
 
+def _add(name: str, value: float, tags: dict[str, str]) -> None:
+    # Ray's counters refuse an increment of 0, which a batch of only shard_end rows would be.
+    if value > 0:
+        _metric(name).inc(value, tags=tags)
+
+
 def _ray_running() -> bool:
     # A stage called outside Ray (unit tests, tools) records nothing, and does not import Ray to find that out.
     ray = sys.modules.get("ray")
@@ -135,15 +141,15 @@ class StageMetrics:
     def received(self, table: pa.Table) -> None:
         """Sample rows arriving, counted before the work so the queue in front of a slow stage shows."""
         if self.tags is not None:
-            _metric("samples_in").inc(_count_samples(table), tags=self.tags)
+            _add("samples_in", _count_samples(table), self.tags)
 
     def handed_on(self, table: pa.Table, reasons: Iterable[str | None], seconds: float) -> None:
         if self.tags is None:
             return
         self._last_record = time.monotonic()
-        _metric("samples_out").inc(_count_samples(table), tags=self.tags)
+        _add("samples_out", _count_samples(table), self.tags)
         for reason, count in Tally(r for r in reasons if r is not None).items():
-            _metric("failures").inc(count, tags={**self.tags, "reason": reason})
+            _add("failures", count, {**self.tags, "reason": reason})
         _metric("batch_seconds").observe(seconds, tags=self.tags)
 
     def actor_alive(self) -> None:
@@ -175,7 +181,8 @@ class StageMetrics:
         if remaining > 0:
             time.sleep(remaining)
 
-    def count_tokens(self, tasks: list[list[str]], task_tokens: list[list[dict[str, object]] | None]) -> None:
+    def count_tokens(self, task_tokens: list[list[dict[str, object]] | None]) -> None:
+        """The model's tokens in and out, by task, from the rows' `task_tokens` entries."""
         if self.tags is None:
             return
         prompt, generated = Tally(), Tally()
@@ -184,8 +191,8 @@ class StageMetrics:
                 prompt[entry["task"]] += entry["prompt_tokens"]
                 generated[entry["task"]] += entry["generated_tokens"]
         for task in prompt:
-            _metric("prompt_tokens").inc(prompt[task], tags={**self.tags, "task": task})
-            _metric("generated_tokens").inc(generated[task], tags={**self.tags, "task": task})
+            _add("prompt_tokens", prompt[task], {**self.tags, "task": task})
+            _add("generated_tokens", generated[task], {**self.tags, "task": task})
 
 
 def _count_samples(table: pa.Table) -> int:
@@ -206,11 +213,11 @@ class DriverMetrics:
             return
         samples = admitted.filter(pc.equal(admitted.column(rows.RECORD), rows.SAMPLE))
         if samples.num_rows:
-            _metric("committed_samples").inc(samples.num_rows, tags=self.tags)
+            _add("committed_samples", samples.num_rows, self.tags)
             for reason, count in Tally(samples.column("error_reason").drop_null().to_pylist()).items():
-                _metric("committed_failures").inc(count, tags={**self.tags, "reason": reason})
+                _add("committed_failures", count, {**self.tags, "reason": reason})
         _metric("images_per_second").set(stats.recent_rate(RATE_WINDOW_SECONDS, time.monotonic()), tags=self.tags)
 
     def shard_finished(self, status: str) -> None:
         if self.tags is not None:
-            _metric("committed_shards").inc(1, tags={**self.tags, "status": status})
+            _add("committed_shards", 1, {**self.tags, "status": status})

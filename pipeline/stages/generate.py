@@ -137,7 +137,7 @@ class GenerateStage(RowStage):
                     ]
         prompt_tokens = [None if t is None else sum(p["prompt_tokens"] for p in t) for t in task_tokens]
         generated_tokens = [None if t is None else sum(p["generated_tokens"] for p in t) for t in task_tokens]
-        self.metrics.count_tokens(tasks, task_tokens)
+        self.metrics.count_tokens(task_tokens)
         return {
             rows.ANSWERS: answers,
             "prompt_tokens": prompt_tokens,

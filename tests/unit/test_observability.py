@@ -203,7 +203,7 @@ def test_stage_metrics_outside_a_run_record_nothing():
     table = committed_batch()
     metrics.received(table)
     metrics.handed_on(table, ["x"], 0.1)
-    metrics.count_tokens([["caption"]], [[{"task": "caption", "prompt_tokens": 1, "generated_tokens": 1}]])
+    metrics.count_tokens([[{"task": "caption", "prompt_tokens": 1, "generated_tokens": 1}]])
     metrics.actor_alive()
     metrics.settle()  # returns at once: nothing recorded, not an actor
     assert metrics.tags is None
@@ -265,3 +265,14 @@ def test_gpu_hour_price_replaces_the_jobs_price(tmp_path):
     )
     assert _load(build_parser().parse_args(["run", str(job)])).cost.gpu_hour_usd == 4.0
     assert _load(build_parser().parse_args(["run", str(job), "--gpu-hour-price", "1.25"])).cost.gpu_hour_usd == 1.25
+
+
+def test_a_batch_without_samples_records_without_failing_the_batch():
+    """Ray's counters refuse an increment of 0: a batch of only shard_end rows must still go through."""
+    metrics = StageMetrics("parse", {"job": "unit", "run": "r-1"})
+    only_end = pa.table({rows.RECORD: [rows.SHARD_END]})
+    metrics.received(only_end)
+    metrics.handed_on(only_end, [None], 0.01)
+    metrics.count_tokens([None, [{"task": "caption", "prompt_tokens": 3, "generated_tokens": 0}]])
+    metrics.received(committed_batch())
+    metrics.handed_on(committed_batch(), ["undecodable"], 0.01)
