@@ -30,7 +30,7 @@ from pipeline.testing.shards import synthetic_samples, write_shard
 SHARDS, PER_SHARD = 2, 4
 PRICE = 2.5
 # Watching goes on this long after the run returned: an actor the pool let go waits for its last export.
-AFTER_THE_RUN_SECONDS = 3.0
+AFTER_THE_RUN_SECONDS = 5.0
 CHROMIUM = "/usr/bin/chromium"
 
 
@@ -73,8 +73,10 @@ def observed_run(s3, ray_address, metrics_port, tiny_model, tmp_path_factory):
             exit_code = main(["run", str(job_path), "--gpu-hour-price", str(PRICE)])
         result = CliResult(exit_code, out.getvalue(), err.getvalue())
         ended = time.monotonic()
-        # The pools let their actors go as the run ends; each lives on until its last export (settle).
-        stop.wait(AFTER_THE_RUN_SECONDS)
+        # The pools let their actors go as the run ends; each lives on until its last export (settle), so
+        # an actor whose only batches came at the very end is still seen alive for a moment after the run.
+        while time.monotonic() < ended + AFTER_THE_RUN_SECONDS and not _both_pools_seen(snapshots):
+            stop.wait(0.25)
     finally:
         stop.set()
         watcher.join()
@@ -90,6 +92,13 @@ def observed_run(s3, ray_address, metrics_port, tiny_model, tmp_path_factory):
         "around": [m for _, m in snapshots if m],
         "url": url,
     }
+
+
+def _both_pools_seen(snapshots: list[tuple[float, dict]]) -> bool:
+    return all(
+        any(_value(m, "ray_llava_pipeline_actors_alive", stage=stage) for _, m in list(snapshots))
+        for stage in ("model", "prepare")
+    )
 
 
 def _scrape(url: str, job: str) -> dict[tuple[str, tuple], float]:
@@ -120,7 +129,7 @@ def _value(metrics: dict, name: str, **labels: str) -> float:
 
 def _settled(url: str, expected: dict[tuple[str, tuple[tuple[str, str], ...]], float]) -> dict:
     """What the endpoint says of `expected` once every process's last export arrived (each exports every
-    second, on its own clock), or after 20 s."""
+    metrics_report_interval_ms, on its own clock), or after 20 s."""
     deadline = time.monotonic() + 20
     while True:
         metrics = _scrape(url, "observed")
