@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import math
 import sys
 
 from pipeline import __version__
@@ -86,6 +87,15 @@ def _add_overrides(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_price(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--gpu-hour-price",
+        metavar="USD",
+        type=float,
+        help="replace cost.gpu_hour_usd: price one GPU-hour (a model-actor-hour on CPU) for the summary's cost lines",
+    )
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The CLI's parser. Tool commands get their full options only when `command` names them; otherwise
     they are listed (name and help line) but not imported."""
@@ -110,6 +120,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     )
     _add_overrides(run)
     run.add_argument("--no-progress-bars", action="store_true", help="hide Ray Data's progress bars")
+    _add_price(run)
     run.add_argument(
         "--overwrite",
         action="store_true",
@@ -139,6 +150,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     )
     retry.add_argument("--no-progress-bars", action="store_true", help="hide Ray Data's progress bars")
     _add_force_unlock(retry)
+    _add_price(retry)
 
     validate = commands.add_parser(
         "validate",
@@ -228,7 +240,13 @@ def main(argv: list[str] | None = None) -> int:
 def _load(args: argparse.Namespace):
     from pipeline.jobfile import load_job
 
-    return load_job(args.job, inputs=args.input, output=args.output, model=args.model)
+    job = load_job(args.job, inputs=args.input, output=args.output, model=args.model)
+    price = getattr(args, "gpu_hour_price", None)
+    if price is not None:
+        if not math.isfinite(price) or price < 0:
+            raise ConfigError(f"--gpu-hour-price: must be at least 0, got {price:g}")
+        job = job.model_copy(update={"cost": job.cost.model_copy(update={"gpu_hour_usd": price})})
+    return job
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -493,6 +493,19 @@ class RetryConfig(StrictModel):
     )
 
 
+class CostConfig(StrictModel):
+    """What the run summary prices the model's time at (token counts and model-actor seconds are always reported)."""
+
+    gpu_hour_usd: float | None = Field(
+        None,
+        ge=0,
+        description="Price of one GPU-hour in USD: the summary gives the run's cost and the cost per million "
+        "images from the model actors' GPU-seconds (their lifetime, model load included, times "
+        "`stages.model.num_gpus`). On a CPU-only model stage the price is read per model-actor-hour. "
+        "`--gpu-hour-price` overrides it. Unset: no cost lines.",
+    )
+
+
 class RayConfig(StrictModel):
     address: str | None = Field(
         None,
@@ -531,6 +544,7 @@ class JobConfig(StrictModel):
         default_factory=FailuresConfig, description="Failure limits that decide the exit code."
     )
     retries: RetryConfig = Field(default_factory=RetryConfig, description="Object-store retries.")
+    cost: CostConfig = Field(default_factory=CostConfig, description="Pricing for the run summary's cost lines.")
     storage: StorageConfig = Field(
         default_factory=StorageConfig,
         description="Object-store settings used for every URL unless a section overrides them.",

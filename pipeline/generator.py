@@ -36,6 +36,21 @@ def resolve_dtype(config: ModelConfig, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+class Answer(str):
+    """One prompt's answer: its text, carrying how many tokens the model generated for it (the end-of-sequence
+    token included), which the text alone cannot tell. Compares and prints as the text."""
+
+    generated_tokens: int
+
+    def __new__(cls, text: str, generated_tokens: int) -> "Answer":
+        answer = super().__new__(cls, text)
+        answer.generated_tokens = generated_tokens
+        return answer
+
+    def __reduce__(self):
+        return Answer, (str(self), self.generated_tokens)
+
+
 @dataclass
 class PromptInput:
     """One prompt for one image, ready to batch."""
@@ -85,6 +100,9 @@ class Generator:
             value = getattr(generation, name)
             if value is not None:
                 self.generate_kwargs[name] = value
+        eos = getattr(self.model.generation_config, "eos_token_id", None)
+        eos = self.tokenizer.eos_token_id if eos is None else eos
+        self.eos_token_ids: list[int] = [eos] if isinstance(eos, int) else list(eos or [])
         self.image_token_id = getattr(self.model.config, "image_token_id", None)
         # Beam search would need the shared cache expanded per beam, which generate does not do for a cache
         # passed in; beams fall back to one full prompt per sequence.
@@ -127,12 +145,25 @@ class Generator:
                 mask[row, width - len(sequence) :] = 1
         return self._to_device(torch.from_numpy(ids)), self._to_device(torch.from_numpy(mask))
 
-    def _decode(self, new_tokens: torch.Tensor) -> list[str]:
-        return [text.strip() for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    def _decode(self, new_tokens: torch.Tensor) -> list[Answer]:
+        texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        return [Answer(text.strip(), count) for text, count in zip(texts, self._generated_counts(new_tokens))]
+
+    def _generated_counts(self, new_tokens: torch.Tensor) -> list[int]:
+        """Tokens each row generated: up to and including its first end-of-sequence token, else all of them
+        (a row that hit its limit). What follows a row's end is padding, there because others ran longer."""
+        width = new_tokens.shape[1]
+        if not self.eos_token_ids or width == 0:
+            return [width] * new_tokens.shape[0]
+        ended = torch.isin(new_tokens, torch.tensor(self.eos_token_ids, device=new_tokens.device))
+        first_end = torch.where(
+            ended.any(dim=1), ended.int().argmax(dim=1) + 1, torch.full_like(ended[:, 0], width, dtype=torch.long)
+        )
+        return [int(n) for n in first_end.tolist()]
 
     # --- one prompt per sequence ----------------------------------------------------------------------
 
-    def generate(self, sequences: Sequence[PromptInput], max_new_tokens: int) -> list[str]:
+    def generate(self, sequences: Sequence[PromptInput], max_new_tokens: int) -> list[Answer]:
         """Each sequence as a whole prompt with its own image: the vision tower runs once per sequence."""
         input_ids, attention_mask = self._left_pad([s.token_ids for s in sequences])
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
@@ -143,9 +174,9 @@ class Generator:
 
     # --- every prompt of an image, the shared prefix computed once ---------------------------------------
 
-    def generate_for_images(self, requests: Sequence[ImagePrompts]) -> list[list[str]]:
+    def generate_for_images(self, requests: Sequence[ImagePrompts]) -> list[list[Answer]]:
         """Answers for every prompt of every image, in the order of `requests` and their prompts."""
-        answers: list[list[str]] = [[""] * len(request.token_ids) for request in requests]
+        answers: list[list[Answer]] = [[Answer("", 0)] * len(request.token_ids) for request in requests]
         shared: list[tuple[int, int]] = []
         alone: list[int] = []
         for index, request in enumerate(requests):
@@ -187,7 +218,7 @@ class Generator:
         return length
 
     def _generate_from_shared_prefixes(
-        self, requests: Sequence[ImagePrompts], shared: list[tuple[int, int]], answers: list[list[str]]
+        self, requests: Sequence[ImagePrompts], shared: list[tuple[int, int]], answers: list[list[Answer]]
     ) -> None:
         """Prefill each image's shared prefix once, then generate every prompt from a copy of its cache.
 

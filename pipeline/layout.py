@@ -7,6 +7,7 @@
                                       (`pipeline.integrity`)
     _runs/<run_id>.json               a run's summary
     _lease.json                       the lease of the run writing the prefix (`pipeline.lease`)
+    _runs/<run_id>.html               a run's report (pipeline.report), for people
 
 Readers skip `_` paths, so only committed files are ever seen as data. Planning, the committer and
 the runner ask this object for paths, markers and the filesystem; none of them spells a path.
@@ -41,6 +42,7 @@ LEASE_FILE = "_lease.json"
 
 # Markers read at once when a resume or `verify` checks every committed shard: small GETs, mostly waiting.
 _PARALLEL_READS = 16
+REPORT_SUFFIX = ".html"
 
 T = TypeVar("T")
 
@@ -115,6 +117,12 @@ class OutputLayout:
     @staticmethod
     def is_staged(relative: str) -> bool:
         return relative.startswith(f"{STAGING_DIR}/")
+
+    def report_path(self, run_id: str) -> str:
+        return join(self.root, RUNS_DIR, f"{run_id}{REPORT_SUFFIX}")
+
+    def report_url(self, run_id: str) -> str:
+        return join(self.url, RUNS_DIR, f"{run_id}{REPORT_SUFFIX}")
 
     # --- operations --------------------------------------------------------------------------------------
 
@@ -253,15 +261,20 @@ class OutputLayout:
             pass
 
     def write_summary(self, run_id: str, text: str) -> str:
-        path = self.summary_path(run_id)
+        self._write_text(self.summary_path(run_id), text)
+        return self.summary_url(run_id)
 
+    def write_report(self, run_id: str, html: str) -> str:
+        self._write_text(self.report_path(run_id), html)
+        return self.report_url(run_id)
+
+    def _write_text(self, path: str, text: str) -> None:
         def write() -> None:
             self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
             with self.fs.open(path, "wb") as handle:
                 handle.write(text.encode())
 
         self.retry(write, f"writing {path}")
-        return self.summary_url(run_id)
 
     def check_writable(self, *, write_probe: bool) -> None:
         """Check the prefix's bucket exists, then (unless read-only) write and delete a probe, so a missing

@@ -35,6 +35,11 @@ PROMPT_TASKS = "_prompt_tasks"
 QUESTIONS = "_questions"
 ANSWERS = "_answers"
 
+# Which model actor answered a row and when that actor started (epoch seconds): the driver sums each actor's
+# lifetime into the run's model-actor seconds, what the run held its GPUs for.
+MODEL_ACTOR = "_model_actor"
+MODEL_ACTOR_STARTED = "_model_actor_started"
+
 _SECONDS_PREFIX = "_seconds_"
 
 

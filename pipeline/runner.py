@@ -21,7 +21,7 @@ from typing import Iterator, Sequence
 import ray
 import ray.data
 
-from pipeline import faults, rows
+from pipeline import faults, metrics, rows
 from pipeline.config import JobConfig
 from pipeline.errors import PipelineError
 from pipeline.layout import OutputLayout
@@ -64,6 +64,7 @@ def connect_ray(job: JobConfig) -> bool:
     else:
         log.info("starting a local Ray")
         ray.init(
+            address="local",  # a new one, even where another Ray runs on this machine (ray.init would join it)
             num_cpus=job.ray.num_cpus,
             num_gpus=job.ray.num_gpus,
             object_store_memory=job.ray.object_store_memory_mb * 1024 * 1024
@@ -79,6 +80,7 @@ def connect_ray(job: JobConfig) -> bool:
 def build_dataset(plan: Plan, stages: Sequence = STAGES):
     """The run's dataset: each declared stage applied in turn, the read stage first."""
     ray.data.DataContext.get_current().enable_progress_bars = plan.job.ray.progress_bars
+    metrics.label_dataset(plan.job.name, plan.run_id)
     dataset = None
     for stage in stages:
         dataset = stage.add_to(dataset, plan)
@@ -114,6 +116,7 @@ def _stream(
     committer already holds stay; rows delivered again are dropped by the committer.
     """
     progress = _Progress(echo, len(plan.shards))
+    live = metrics.DriverMetrics(plan.job.name, plan.run_id)
     restarts = 0
     try:
         while True:
@@ -123,8 +126,13 @@ def _stream(
                 for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
                     faults.inject("driver.rows")
                     arrived = time.perf_counter()
-                    stats.observe(committer.admit(batch))  # counted once, however often a row was delivered
-                    stats.observe_commits(committer.commit_ready())
+                    admitted = committer.admit(batch)
+                    stats.observe(admitted)  # counted once, however often a row was delivered
+                    live.observe(admitted, stats)
+                    finished = committer.commit_ready()
+                    stats.observe_commits(finished)
+                    for result in finished:
+                        live.shard_finished(result.status)
                     stats.driver_seconds += time.perf_counter() - arrived
                     progress.maybe_report(stats, committer)
                 stats.observe_commits(committer.drain())
@@ -278,6 +286,7 @@ def _run_leased(plan: Plan, echo, command: str, lease: OutputLease | None, stage
             error=error,
         )
     )
+    summary["report_url"] = _write_report(plan.output, plan.run_id, summary)
     summary_url = _write_summary(plan.output, plan.run_id, summary)
     echo(render_summary(summary, summary_url))
     return RunResult(summary=summary, summary_url=summary_url, exit_code=exit_code)
@@ -323,6 +332,20 @@ def _failure_limits_breached(job: JobConfig, stats: RunStats, shards: list[Shard
             f"failures.max_failed_sample_fraction={limits.max_failed_sample_fraction:g} ({top})"
         )
     return "; and ".join(reasons) or None
+
+
+def _write_report(output: OutputLayout, run_id: str, summary: dict[str, object]) -> str | None:
+    from pipeline.report import render_report
+
+    try:
+        return output.write_report(run_id, render_report(summary))
+    except Exception as exc:
+        log.error(
+            "could not write the run report to %s: %s",
+            output.report_url(run_id),
+            describe_storage_error(exc, output.url, output.storage),
+        )
+        return None
 
 
 def _write_summary(output: OutputLayout, run_id: str, summary: dict[str, object]) -> str | None:

@@ -14,7 +14,7 @@ from importlib import resources
 import pyarrow as pa
 import pyarrow.compute as pc
 
-CURRENT_VERSION = 1
+CURRENT_VERSION = 2
 METADATA_PREFIX = "llava_pipeline."
 
 _PRIMITIVES = {
@@ -75,6 +75,18 @@ class OutputSchema:
     @property
     def names(self) -> list[str]:
         return [c.name for c in self.columns]
+
+    def upgrade(self, table: pa.Table) -> pa.Table:
+        """A table written under an earlier version with this version's added columns, null: each version
+        only appends nullable columns, so an old file's rows stay valid rows of the new version."""
+        for column in self.columns:
+            if column.name not in table.column_names:
+                if not column.nullable:
+                    raise ValueError(
+                        f"column {column.name!r} is missing and not nullable in {self.name} v{self.version}"
+                    )
+                table = table.append_column(pa.field(column.name, column.type), pa.nulls(table.num_rows, column.type))
+        return table
 
     def conform(self, table: pa.Table, *, extra_metadata: dict[str, str] | None = None) -> pa.Table:
         """Exactly this schema's columns, types and nullability, or a ValueError naming the column.

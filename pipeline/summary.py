@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import rows
+from pipeline.accounting import Usage, cost_summary, render_usage, token_summary
 from pipeline.plan import Plan
 from pipeline.writer import ShardResult
 
@@ -37,20 +38,56 @@ class RunStats:
     # so the rows tell when each call ended, how long it ran and how many samples it answered. Keyed by that
     # end (microseconds): [busy seconds, samples].
     model_calls: dict[int, list[float]] = field(default_factory=dict)
+    # Accounting (pipeline.accounting): tokens and model-actor lifetimes, as the rows report them.
+    usage: Usage = field(default_factory=Usage)
+    # Samples committed so far, after each batch that brought some: (seconds since the start, samples).
+    timeline: list[tuple[float, int]] = field(default_factory=list)
+    # Each shard's busy seconds, every stage's share of its rows summed: which shards cost the most.
+    shard_seconds: Counter = field(default_factory=Counter)
 
     def observe(self, table: pa.Table) -> None:
         for stage in rows.stages_timed(table):
             self.stage_seconds[stage] += pc.sum(table.column(rows.seconds_column(stage))).as_py() or 0.0
         self._observe_model_calls(table)
+        self._observe_shard_seconds(table)
+        self.usage.observe(table)
         samples = table.filter(pc.equal(table.column(rows.RECORD), rows.SAMPLE))
         if not samples.num_rows:
             return
         if self.first_row_seconds is None:
             self.first_row_seconds = time.monotonic() - self.started
         self.samples += samples.num_rows
+        self.timeline.append((time.monotonic() - self.started, self.samples))
         self.succeeded += pc.sum(pc.is_null(samples.column("error"))).as_py() or 0
         reasons = samples.column("error_reason").drop_null()
         self.failed_by_reason.update(reasons.to_pylist())
+
+    def _observe_shard_seconds(self, table: pa.Table) -> None:
+        timed = [rows.seconds_column(stage) for stage in rows.stages_timed(table)]
+        if not timed or not table.num_rows:
+            return
+        busy = table.column(timed[0]).fill_null(0.0)
+        for name in timed[1:]:
+            busy = pc.add(busy, table.column(name).fill_null(0.0))
+        per_shard = (
+            pa.table({"shard": table.column("shard"), "busy": busy}).group_by("shard").aggregate([("busy", "sum")])
+        )
+        for shard, seconds in zip(per_shard.column("shard").to_pylist(), per_shard.column("busy_sum").to_pylist()):
+            self.shard_seconds[shard] += seconds or 0.0
+
+    def recent_rate(self, window: float, now: float) -> float:
+        """Samples per second over the last `window` seconds (since the start, early in the run)."""
+        if not self.timeline:
+            return 0.0
+        elapsed = now - self.started
+        since = max(0.0, elapsed - window)
+        before = 0
+        for seconds, samples in reversed(self.timeline):
+            if seconds <= since:
+                before = samples
+                break
+        span = elapsed - since
+        return (self.samples - before) / span if span > 0 else 0.0
 
     def _observe_model_calls(self, table: pa.Table) -> None:
         seconds = rows.seconds_column("model")
@@ -150,7 +187,34 @@ def build_summary(outcome: RunOutcome) -> dict[str, object]:
         },
         "stages": stages,
         "steady_state": _steady_state(stats),
+        "tokens": token_summary(stats.usage, stats.samples),
+        "cost": cost_summary(
+            stats.usage,
+            stats.samples,
+            stats.stage_seconds.get("model", 0.0),
+            job.stages.model.num_gpus,
+            job.cost.gpu_hour_usd,
+        ),
+        "slowest_shards": [
+            {"shard": shard, "busy_seconds": round(seconds, 3)}
+            for shard, seconds in stats.shard_seconds.most_common(SLOWEST_SHARDS)
+        ],
+        "timeline": _timeline(stats),
     }
+
+
+# The run report's plots: at most this many points of committed samples over time, and this many shards.
+TIMELINE_POINTS = 240
+SLOWEST_SHARDS = 10
+
+
+def _timeline(stats: RunStats) -> dict[str, list]:
+    """Committed samples over the run's seconds, thinned to TIMELINE_POINTS (the last point always kept)."""
+    points = stats.timeline
+    if len(points) > TIMELINE_POINTS:
+        step = len(points) / TIMELINE_POINTS
+        points = [points[int(i * step)] for i in range(TIMELINE_POINTS - 1)] + [points[-1]]
+    return {"seconds": [round(t, 3) for t, _ in points], "samples": [n for _, n in points]}
 
 
 def _steady_state(stats: RunStats) -> dict[str, object] | None:
@@ -205,11 +269,14 @@ def render_summary(summary: dict[str, object], summary_url: str | None) -> str:
     assert isinstance(stages, dict)
     busy = ", ".join(f"{name} {info['busy_seconds']:.1f} s" for name, info in stages.items())
     lines.append(f"  busy      {busy}")
+    lines.extend(render_usage(summary))
     lines.append(f"  outputs   {len(shards['outputs'])} Parquet file(s) under {summary['output']}")
     if shards.get("rows_replaced"):
         lines.append(f"  retried   {shards['rows_replaced']} row(s) replaced in place")
     if summary_url:
         lines.append(f"  summary   {summary_url}")
+    if summary.get("report_url"):
+        lines.append(f"  report    {summary['report_url']}")
     return "\n".join(lines)
 
 

@@ -246,7 +246,8 @@ class ShardCommitter:
 
     def _patched(self, name: str, retried: pa.Table, url: str) -> tuple[pa.Table, int]:
         """The committed rows with each retried sample's row put in its place, by key."""
-        existing = self.layout.read_data(name).cast(retried.schema)
+        # a file an earlier schema version wrote gets the columns added since, null
+        existing = self.schema.upgrade(self.layout.read_data(name)).select(retried.column_names).cast(retried.schema)
         position = {key: i for i, key in enumerate(existing.column("key").to_pylist())}
         missing = [key for key in retried.column("key").to_pylist() if key not in position]
         if missing:

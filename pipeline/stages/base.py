@@ -12,7 +12,9 @@ Every callable class derives from `RowStage`, which does what each stage would o
 - it merges what `process` returns back in place: new columns are null on passed-through rows, and
   an error a stage reports is added to the row's `error` without losing an earlier one;
 - it drops the internal columns the stage consumed, so they stop travelling;
-- it stamps the batch's busy time on its rows (`_seconds_<stage>`), the counter the driver sums.
+- it stamps the batch's busy time on its rows (`_seconds_<stage>`), the counter the driver sums;
+- it counts the batch in the live metrics (`pipeline.metrics`): samples in and out, failures by reason,
+  latency, and the actor as alive.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import pyarrow.compute as pc
 
 from pipeline import faults, rows
 from pipeline.config import ActorStageConfig, JobConfig, TaskStageConfig
+from pipeline.metrics import StageMetrics
 
 if TYPE_CHECKING:
     from pipeline.plan import Plan
@@ -47,6 +50,7 @@ class RowStage:
 
     def __call__(self, table: pa.Table) -> pa.Table:
         started = time.perf_counter()
+        self.metrics.received(table)
         selected = self.select(table)
         positions = pc.indices_nonzero(selected) if table.num_rows else pa.array([], pa.uint64())
         work = table.take(positions)
@@ -54,7 +58,24 @@ class RowStage:
         table = self._merge(table, positions.to_pylist(), columns)
         table = table.drop_columns([c for c in self.consumes if c in table.column_names])
         table = self.annotate(table)
-        return rows.add_seconds(table, self.name, time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        self.metrics.handed_on(table, columns.get("error_reason", ()), seconds)
+        return rows.add_seconds(table, self.name, seconds)
+
+    @property
+    def metrics(self) -> StageMetrics:
+        """This instance's live metrics, labelled on first use (subclasses' constructors need not call ours)."""
+        found = self.__dict__.get("_metrics")
+        if found is None:
+            found = self.__dict__["_metrics"] = StageMetrics.current(self.name)
+            found.actor_alive()
+        return found
+
+    def __del__(self) -> None:
+        # Ray Data drops an actor's stage when the pool lets the actor go: its last counts must reach the export.
+        found = self.__dict__.get("_metrics")
+        if found is not None:
+            found.settle()
 
     def select(self, table: pa.Table) -> pa.Array | pa.ChunkedArray:
         """Rows this stage works on: by default, samples that no stage has failed."""

@@ -14,11 +14,12 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -30,12 +31,32 @@ from pipeline.model_source import ModelSource, local_model_dir
 from pipeline.prompts import CAPTION, TAGS, VQA
 from pipeline.stages.base import Columns, MapStage, RowStage
 
+if TYPE_CHECKING:
+    from pipeline.generator import Answer
+
 log = logging.getLogger(__name__)
+
+
+TASK_TOKENS_TYPE = pa.list_(
+    pa.struct(
+        [
+            pa.field("task", pa.string(), nullable=False),
+            pa.field("prompt_tokens", pa.int32(), nullable=False),
+            pa.field("generated_tokens", pa.int32(), nullable=False),
+        ]
+    )
+)
 
 
 class GenerateStage(RowStage):
     name = "model"
-    output_fields = (pa.field(rows.ANSWERS, pa.list_(pa.string())),)
+    output_fields = (
+        pa.field(rows.ANSWERS, pa.list_(pa.string())),
+        # Token accounting (schema v2): what each row cost the model.
+        pa.field("prompt_tokens", pa.int32()),
+        pa.field("generated_tokens", pa.int32()),
+        pa.field("task_tokens", TASK_TOKENS_TYPE),
+    )
     consumes = (rows.MODEL_INPUTS, rows.PROMPT_IDS)
 
     def __init__(
@@ -46,6 +67,9 @@ class GenerateStage(RowStage):
         tasks: TasksConfig,
         stage: ModelStageConfig,
     ):
+        # Before the load: an actor costs its GPU from its start, whether loading or generating.
+        self.started_at = time.time()
+        self.actor_key = f"{socket.gethostname()}:{os.getpid()}:{self.started_at:.6f}"
         self.generator = self.load_generator(model, model_config, generation)
         self.batch_size = stage.batch_size
         self.max_new_tokens = {
@@ -70,7 +94,11 @@ class GenerateStage(RowStage):
     def annotate(self, table: pa.Table) -> pa.Table:
         # One timestamp per model call: the summary's steady-state figures tell the calls apart by it.
         now = datetime.now(timezone.utc)
-        return rows.set_column(table, "processed_at", pa.array([now] * table.num_rows, pa.timestamp("us", tz="UTC")))
+        table = rows.set_column(table, "processed_at", pa.array([now] * table.num_rows, pa.timestamp("us", tz="UTC")))
+        table = rows.set_column(table, rows.MODEL_ACTOR, pa.array([self.actor_key] * table.num_rows, pa.string()))
+        return rows.set_column(
+            table, rows.MODEL_ACTOR_STARTED, pa.array([self.started_at] * table.num_rows, pa.float64())
+        )
 
     def process(self, work: pa.Table) -> Columns:
         if self.watchdog is None:
@@ -95,20 +123,35 @@ class GenerateStage(RowStage):
         requests.sort(key=lambda r: len(r[1].token_ids[0]))
 
         answers: list[object] = [[] for _ in tasks]
+        task_tokens: list[list[dict[str, object]] | None] = [[] for _ in tasks]
         errors: list[str | None] = [None] * len(tasks)
         reasons: list[str | None] = [None] * len(tasks)
         for start in range(0, len(requests), self.batch_size):
             chunk = requests[start : start + self.batch_size]
             for (row, _), result in zip(chunk, self._generate_isolating([r for _, r in chunk])):
                 if isinstance(result, BaseException):
-                    answers[row] = None
+                    answers[row] = task_tokens[row] = None
                     errors[row] = f"generation failed: {type(result).__name__}: {result}"
                     reasons[row] = "out_of_memory" if _is_out_of_memory(result) else "generation_failed"
                 else:
                     answers[row] = result
-        return {rows.ANSWERS: answers, "error": errors, "error_reason": reasons}
+                    task_tokens[row] = [
+                        {"task": task, "prompt_tokens": len(ids), "generated_tokens": answer.generated_tokens}
+                        for task, ids, answer in zip(tasks[row], token_ids[row], result)
+                    ]
+        prompt_tokens = [None if t is None else sum(p["prompt_tokens"] for p in t) for t in task_tokens]
+        generated_tokens = [None if t is None else sum(p["generated_tokens"] for p in t) for t in task_tokens]
+        self.metrics.count_tokens(task_tokens)
+        return {
+            rows.ANSWERS: answers,
+            "prompt_tokens": prompt_tokens,
+            "generated_tokens": generated_tokens,
+            "task_tokens": task_tokens,
+            "error": errors,
+            "error_reason": reasons,
+        }
 
-    def _generate_isolating(self, items: list) -> list[list[str] | BaseException]:
+    def _generate_isolating(self, items: list) -> list[list[Answer] | BaseException]:
         """Every prompt's answer per image; an image whose generation fails alone gets the exception."""
         try:
             faults.inject("model.batch", batch=len(items))

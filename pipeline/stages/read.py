@@ -20,6 +20,7 @@ from ray.data.datasource import Datasource, ReadTask
 
 from pipeline import rows
 from pipeline.config import InputConfig, ReadStageConfig, RetryConfig, StorageConfig
+from pipeline.metrics import StageMetrics
 from pipeline.retry import backoff, is_transient
 from pipeline.shards import Shard
 from pipeline.storage import describe_storage_error, filesystem
@@ -93,7 +94,7 @@ class WebDatasetShards(Datasource):
         # One task per shard whatever `parallelism` says: the shard is the unit of retry, output and resume.
         return [
             ReadTask(
-                functools.partial(read_shard, shard, self._reader),
+                functools.partial(_counted_blocks, shard, self._reader),
                 BlockMetadata(num_rows=None, size_bytes=shard.size, exec_stats=None, input_files=(shard.url,)),
                 schema=rows.READ_SCHEMA,
             )
@@ -147,6 +148,18 @@ class _Block:
 
     def table(self) -> pa.Table:
         return pa.Table.from_pydict(self.columns, schema=rows.READ_SCHEMA)
+
+
+def _counted_blocks(shard: Shard, reader: ShardReader) -> Iterator[pa.Table]:
+    """`read_shard`'s blocks, each counted in the live metrics as the read stage's batch."""
+    metrics = StageMetrics.current(READ.name)
+    last = time.perf_counter()
+    for table in read_shard(shard, reader):
+        now = time.perf_counter()
+        metrics.received(table)
+        metrics.handed_on(table, table.column("error_reason").to_pylist(), now - last)
+        last = now
+        yield table
 
 
 def read_shard(shard: Shard, reader: ShardReader) -> Iterator[pa.Table]:

@@ -8,6 +8,7 @@ through RAY_ADDRESS.
 
 from __future__ import annotations
 
+import socket
 import uuid
 from pathlib import Path
 from typing import Callable
@@ -35,17 +36,35 @@ def s3() -> LocalS3:
 
 
 @pytest.fixture(scope="session")
-def ray_address(s3: LocalS3) -> str:
+def metrics_port() -> int:
+    """The session Ray's Prometheus endpoint: http://127.0.0.1:<port>/metrics (the node's metrics agent)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_address(s3: LocalS3, metrics_port: int) -> str:
     import ray
 
     ray.init(
-        address="local",  # a Ray of the suite's own, even where another runs on this machine
+        # A new local Ray even when another one runs on this machine (`ray start`, an autoscaling test's
+        # cluster): without it, ray.init joins that one.
+        address="local",
         num_cpus=4,
         include_dashboard=False,
-        # Keep idle task workers (which have imported the stages) alive between the suite's runs,
-        # instead of Ray's default of killing those beyond num_cpus after a second, only to start
-        # and import them again at the next run's first read.
-        _system_config={"num_workers_soft_limit": 12, "idle_worker_killing_time_threshold_ms": 600_000},
+        _metrics_export_port=metrics_port,
+        _system_config={
+            # Keep idle task workers (which have imported the stages) alive between the suite's runs,
+            # instead of Ray's default of killing those beyond num_cpus after a second, only to start
+            # and import them again at the next run's first read.
+            "num_workers_soft_limit": 12,
+            "idle_worker_killing_time_threshold_ms": 600_000,
+            # Workers report their metrics to the agent every 2 s instead of every 10, so the metrics test
+            # finds a run's values soon after the run. Not 1 s: each report must be answered within a
+            # fraction of the interval, and a loaded machine's agent then misses some (their counts are lost).
+            "metrics_report_interval_ms": 2000,
+        },
         runtime_env={"env_vars": {"TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}},
         log_to_driver=False,
     )

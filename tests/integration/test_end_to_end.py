@@ -110,7 +110,7 @@ def test_outputs_are_one_file_per_shard_with_the_versioned_schema(s3, local_mode
     for name in expected.names:
         assert schema.field(name).type == expected.field(name).type
         assert schema.field(name).nullable == expected.field(name).nullable
-    assert schema.metadata[b"llava_pipeline.schema_version"] == b"1"
+    assert schema.metadata[b"llava_pipeline.schema_version"] == str(load_schema().version).encode()
 
 
 def test_run_summary_is_written_next_to_the_outputs(s3, local_model_run):

@@ -173,7 +173,46 @@ def test_manifests_cover_the_nightly_job_and_a_backfill():
     assert "RayCronJob" in kinds and "RayJob" in kinds and "ConfigMap" in kinds, kinds
     for where, doc in DOCUMENTS:
         assert doc.get("apiVersion") and doc.get("kind") and doc.get("metadata", {}).get("name"), where
-        assert doc["kind"] in {*CRD_FILES, "ConfigMap"}, f"{where}: no check here covers a {doc['kind']}"
+        assert doc["kind"] in {*CRD_FILES, "ConfigMap", "PodMonitor"}, f"{where}: no check here covers a {doc['kind']}"
+
+
+# The PodMonitor fields this folder uses (Prometheus Operator's monitoring.coreos.com/v1): a misspelt one would
+# be pruned by the API server and the pods silently not scraped.
+PODMONITOR_FIELDS = {
+    "spec": {"selector", "podMetricsEndpoints", "namespaceSelector", "jobLabel"},
+    "endpoint": {"port", "path", "interval", "scrapeTimeout", "relabelings", "metricRelabelings"},
+    "relabeling": {"sourceLabels", "targetLabel", "regex", "replacement", "action", "separator"},
+}
+# KubeRay's name for the Ray container port of Ray's metrics agent (--metrics-export-port, 8080).
+KUBERAY_METRICS_PORT = "metrics"
+
+
+def test_pod_monitor_scrapes_every_ray_pod_of_the_manifests():
+    monitors = [(where, doc) for where, doc in DOCUMENTS if doc.get("kind") == "PodMonitor"]
+    assert monitors, "no PodMonitor: nothing tells Prometheus to scrape the pipeline's metrics"
+    for where, monitor in monitors:
+        assert monitor["apiVersion"] == "monitoring.coreos.com/v1", where
+        spec = monitor["spec"]
+        assert set(spec) <= PODMONITOR_FIELDS["spec"], f"{where}: {sorted(set(spec) - PODMONITOR_FIELDS['spec'])}"
+        for endpoint in spec["podMetricsEndpoints"]:
+            assert set(endpoint) <= PODMONITOR_FIELDS["endpoint"], where
+            assert endpoint["port"] == KUBERAY_METRICS_PORT, where
+            for relabeling in endpoint.get("relabelings", []):
+                assert set(relabeling) <= PODMONITOR_FIELDS["relabeling"], where
+        wanted = spec["selector"]["matchLabels"]
+        # KubeRay labels every Ray pod with ray.io/is-ray-node; the rest must be on each pod template.
+        ours = {k: v for k, v in wanted.items() if not k.startswith("ray.io/")}
+        assert wanted.get("ray.io/is-ray-node") == "yes", where
+        for doc_where, doc in RAY_DOCUMENTS:
+            for cluster in _cluster_specs(doc):
+                templates = [cluster["headGroupSpec"]["template"]] + [
+                    g["template"] for g in cluster["workerGroupSpecs"]
+                ]
+                for template in templates:
+                    labels = template.get("metadata", {}).get("labels", {})
+                    assert ours.items() <= labels.items(), f"{doc_where}: a pod template lacks {ours}"
+                    annotations = template["metadata"].get("annotations", {})
+                    assert annotations.get("prometheus.io/scrape") == "true", doc_where
 
 
 @pytest.mark.parametrize("item", RAY_DOCUMENTS, ids=_doc_id)

@@ -18,7 +18,9 @@ NOW = datetime(2026, 11, 1, 12, 30, tzinfo=timezone.utc)
 EXPECTED_COLUMNS = [
     "key", "shard", "members", "image_member", "image_format", "image_width", "image_height", "image_sha256",
     "metadata", "caption", "tags", "vqa", "error", "error_reason", "model", "settings", "run_id", "processed_at",
+    "prompt_tokens", "generated_tokens", "task_tokens",
 ]  # fmt: skip
+V1_COLUMNS = EXPECTED_COLUMNS[:-3]
 NON_NULLABLE = {"key", "shard", "members", "model", "settings", "run_id", "processed_at"}
 
 
@@ -42,6 +44,12 @@ def row(**overrides: Any) -> dict[str, Any]:
         "settings": "{}",
         "run_id": "run-1",
         "processed_at": NOW,
+        "prompt_tokens": 120,
+        "generated_tokens": 9,
+        "task_tokens": [
+            {"task": "caption", "prompt_tokens": 58, "generated_tokens": 5},
+            {"task": "vqa", "prompt_tokens": 62, "generated_tokens": 4},
+        ],
     }
     values.update(overrides)
     return values
@@ -54,17 +62,36 @@ def exact_table(rows: list[dict[str, Any]], extra: list[pa.Field] | None = None)
 
 def test_schema_json_loads_with_name_version_and_columns() -> None:
     assert SCHEMA.name == "llava-pipeline/enrichment"
-    assert SCHEMA.version == 1
+    assert SCHEMA.version == 2
     assert SCHEMA.names == EXPECTED_COLUMNS
     assert {c.name for c in SCHEMA.columns if not c.nullable} == NON_NULLABLE
     assert all(c.description for c in SCHEMA.columns)
 
 
 def test_schema_file_and_loaded_schema_agree() -> None:
-    spec = json.loads(resources.files("pipeline._schemas").joinpath("enrichment_v1.json").read_text(encoding="utf-8"))
+    spec = json.loads(resources.files("pipeline._schemas").joinpath("enrichment_v2.json").read_text(encoding="utf-8"))
     assert [c["name"] for c in spec["columns"]] == SCHEMA.names
     assert load_schema() is SCHEMA  # cached
-    assert load_schema(1) == SCHEMA
+    assert load_schema(2) == SCHEMA
+
+
+def test_version_2_appends_token_columns_to_version_1() -> None:
+    """v1 stays loadable, and every v1 column is in v2 unchanged, in the same place: v1 readers keep working."""
+    v1 = load_schema(1)
+    assert v1.version == 1 and v1.names == V1_COLUMNS
+    assert SCHEMA.columns[: len(v1.columns)] == v1.columns
+    assert [c.name for c in SCHEMA.columns[len(v1.columns) :]] == ["prompt_tokens", "generated_tokens", "task_tokens"]
+    assert all(c.nullable for c in SCHEMA.columns[len(v1.columns) :])
+    entry = SCHEMA.arrow.field("task_tokens").type.value_type
+    assert [entry.field(i).name for i in range(entry.num_fields)] == ["task", "prompt_tokens", "generated_tokens"]
+
+
+def test_upgrade_gives_a_version_1_file_the_new_columns_as_nulls() -> None:
+    v1 = load_schema(1)
+    old = v1.conform(pa.Table.from_pylist([{k: v for k, v in row().items() if k in V1_COLUMNS}]))
+    upgraded = SCHEMA.conform(SCHEMA.upgrade(old))
+    assert upgraded.column_names == EXPECTED_COLUMNS
+    assert upgraded.to_pylist() == [row(prompt_tokens=None, generated_tokens=None, task_tokens=None)]
 
 
 def test_arrow_types() -> None:
@@ -88,7 +115,7 @@ def test_vqa_is_a_list_of_question_answer_structs() -> None:
 def test_arrow_schema_metadata_names_schema_and_version() -> None:
     assert SCHEMA.arrow.metadata == {
         f"{METADATA_PREFIX}schema".encode(): b"llava-pipeline/enrichment",
-        f"{METADATA_PREFIX}schema_version".encode(): b"1",
+        f"{METADATA_PREFIX}schema_version".encode(): b"2",
     }
 
 
@@ -138,7 +165,7 @@ def test_conform_rejects_missing_columns_naming_them() -> None:
     table = exact_table([row()]).drop_columns(["run_id", "caption"])
     with pytest.raises(ValueError) as info:
         SCHEMA.conform(table)
-    assert str(info.value) == "output is missing columns ['caption', 'run_id'] required by llava-pipeline/enrichment v1"
+    assert str(info.value) == "output is missing columns ['caption', 'run_id'] required by llava-pipeline/enrichment v2"
 
 
 def test_conform_rejects_incompatible_types_naming_the_column() -> None:
@@ -165,7 +192,7 @@ def test_conform_attaches_extra_metadata_with_prefix() -> None:
     out = SCHEMA.conform(exact_table([row()]), extra_metadata={"run_id": "run-1", "shard": "file:///s.tar"})
     assert out.schema.metadata == {
         b"llava_pipeline.schema": b"llava-pipeline/enrichment",
-        b"llava_pipeline.schema_version": b"1",
+        b"llava_pipeline.schema_version": b"2",
         b"llava_pipeline.run_id": b"run-1",
         b"llava_pipeline.shard": b"file:///s.tar",
     }

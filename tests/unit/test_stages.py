@@ -12,7 +12,7 @@ import pytest
 
 from pipeline import rows
 from pipeline.config import DecodeConfig, GenerationConfig, ModelConfig, ModelStageConfig, StorageConfig, TasksConfig
-from pipeline.generator import ImagePrompts
+from pipeline.generator import Answer, ImagePrompts
 from pipeline.images import decode_image
 from pipeline.inputs import InputBuilder, load_processor, unpack_arrays
 from pipeline.model_source import ModelSource
@@ -345,19 +345,21 @@ class EchoGenerator:
         self.poison = poison
         self.calls: list[list[list[list[int]]]] = []  # per call, per image, that image's prompts
 
-    def __call__(self, requests: Sequence[ImagePrompts]) -> list[list[str]]:
+    def __call__(self, requests: Sequence[ImagePrompts]) -> list[list[Answer]]:
         self.calls.append([[list(ids) for ids in r.token_ids] for r in requests])
         if self.poison is not None and any(self.poison in call for call in self.calls[-1]):
             raise RuntimeError("poisoned batch")
         return [[self._answer(ids, limit) for ids, limit in zip(r.token_ids, r.max_new_tokens)] for r in requests]
 
-    def _answer(self, token_ids: list[int], max_new_tokens: int) -> str:
+    def _answer(self, token_ids: list[int], max_new_tokens: int) -> Answer:
         text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
         if CAPTION_PROMPT in text:
-            return f"caption {max_new_tokens}"
-        if TAGS_PROMPT in text:
-            return "Red, Square; red, 3. Blue"
-        return f"answer to: {text}"
+            text = f"caption {max_new_tokens}"
+        elif TAGS_PROMPT in text:
+            text = "Red, Square; red, 3. Blue"
+        else:
+            text = f"answer to: {text}"
+        return Answer(text, generated_tokens=len(text.split()))  # a count the test can tell apart per prompt
 
 
 def test_each_vqa_answer_is_paired_with_its_own_question(
@@ -376,6 +378,40 @@ def test_each_vqa_answer_is_paired_with_its_own_question(
     # Images are sorted by prompt length across rows, so this checks the mapping back, not luck.
     mixed = [call for call in echo.calls if len({len(ids) for image in call for ids in image}) > 1]
     assert mixed, "expected at least one batch mixing prompt lengths"
+
+
+def test_each_row_counts_its_prompt_and_generated_tokens_per_task(
+    prepare: PrepareStage, generate: ModelThenParse, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    echo = EchoGenerator(generate)
+    monkeypatch.setattr(generate.generator, "generate_for_images", echo)
+    prepared = prepared_batch(prepare)
+    limits = {"caption": 4, "tags": 4, "vqa": 3}
+    expected = [
+        None
+        if row[rows.PROMPT_TASKS] is None
+        else [
+            {
+                "task": task,
+                "prompt_tokens": len(ids),
+                "generated_tokens": echo._answer(ids, limits[task]).generated_tokens,
+            }
+            for task, ids in zip(row[rows.PROMPT_TASKS], row[rows.PROMPT_IDS])
+        ]
+        for row in prepared.to_pylist()
+    ]
+    assert expected.count(None) == 3  # the undecodable image, the missing one and the shard_end row
+
+    result = generate(prepared).to_pylist()
+    for row, want in zip(result, expected):
+        assert row["task_tokens"] == want
+        if want is None:
+            assert row["prompt_tokens"] is None and row["generated_tokens"] is None
+            continue
+        # caption, tags, then one vqa entry per question in the order of the vqa column
+        assert [t["task"] for t in want] == ["caption", "tags"] + ["vqa"] * len(row["vqa"])
+        assert row["prompt_tokens"] == sum(t["prompt_tokens"] for t in want) > 0
+        assert row["generated_tokens"] == sum(t["generated_tokens"] for t in want) > 0
 
 
 def test_vocabulary_limits_tags(

@@ -133,7 +133,7 @@ def test_shard_is_written_once_all_rows_arrived_out_of_order(tmp_path: Path, end
     assert written.column("processed_at").to_pylist() == [NOW] * 5
     assert written.schema.metadata[b"llava_pipeline.run_id"] == b"run-1"
     assert written.schema.metadata[b"llava_pipeline.shard"] == shard.url.encode()
-    assert written.schema.metadata[b"llava_pipeline.schema_version"] == b"1"
+    assert written.schema.metadata[b"llava_pipeline.schema_version"] == str(SCHEMA.version).encode()
     assert writer.committed == [done]
     assert writer.unfinished() == []
 
@@ -366,3 +366,31 @@ def test_a_commit_that_fails_on_its_thread_fails_the_driver(tmp_path: Path) -> N
         writer.drain()
     writer.close()
     assert writer.unfinished() == [writer.results[shard.url]], "nothing vouches for the shard: the next run redoes it"
+
+
+def test_patch_upgrades_a_file_an_earlier_schema_version_wrote(tmp_path: Path) -> None:
+    """retry-failed over an output written before the token columns: the kept rows get them as nulls."""
+    shard = make_shard(tmp_path, "s")
+    v1 = load_schema(1)
+    old_rows = [
+        {**sample(shard, i, error="boom" if i == 1 else None), **CONSTANTS, "run_id": "run-0"} for i in range(3)
+    ]
+    (tmp_path / "out").mkdir()
+    pq.write_table(v1.conform(pa.Table.from_pylist(old_rows)), tmp_path / "out" / "s.parquet")
+    retry = ShardCommitter(
+        layout=layout(tmp_path), shards=[shard], schema=SCHEMA,
+        constants={**CONSTANTS, "run_id": "run-2"}, run_id="run-2", compression="zstd", patch=True,
+    )  # fmt: skip
+    tokens = [{"task": "caption", "prompt_tokens": 20, "generated_tokens": 3}]
+    retry.add(
+        batch(
+            sample(shard, 0, key="s-001", prompt_tokens=20, generated_tokens=3, task_tokens=tokens),
+            shard_end(shard, 1),
+        )
+    )
+    written = pq.read_table(tmp_path / "out" / "s.parquet")
+    assert written.schema.metadata[b"llava_pipeline.schema_version"] == str(SCHEMA.version).encode()
+    assert written.column_names == SCHEMA.names
+    assert written.column("key").to_pylist() == ["s-000", "s-001", "s-002"]
+    assert written.column("prompt_tokens").to_pylist() == [None, 20, None]
+    assert written.column("task_tokens").to_pylist() == [None, tokens, None]

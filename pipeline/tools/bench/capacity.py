@@ -47,14 +47,15 @@ class FixedAnswers:
         self.pixel_scaling = PixelScaling.of(processor.image_processor)
 
     def generate_for_images(self, requests) -> list[list[str]]:
-        from pipeline.generator import collate_images, scale_pixels
+        from pipeline.generator import Answer, collate_images, scale_pixels
 
         batch = collate_images([request.image for request in requests])
         pixels = batch["pixel_values"].to(self.device)
         if pixels.dtype.is_floating_point is False:
             pixels = scale_pixels(pixels, self.pixel_scaling)
         float(pixels.sum())  # the values are really computed (and synchronized on a GPU)
-        return [[FIXED_ANSWER] * len(request.token_ids) for request in requests]
+        answer = Answer(FIXED_ANSWER, generated_tokens=0)  # nothing generated
+        return [[answer] * len(request.token_ids) for request in requests]
 
     def release_memory(self) -> None:
         pass
