@@ -22,6 +22,7 @@ import ray
 import ray.data
 
 from pipeline import faults, rows
+from pipeline.actors import ActorSampler, actor_stages
 from pipeline.config import JobConfig
 from pipeline.errors import PipelineError
 from pipeline.layout import OutputLayout
@@ -211,8 +212,9 @@ def run_plan(plan: Plan, *, echo=print, command: str = "run") -> RunResult:
         patch=plan.selection is not None,
     )
 
-    with ray_cluster(job):
+    with ray_cluster(job), ActorSampler(actor_stages(job), started=stats.started) as actors:
         status, error, exit_code = _stream(plan, committer, stats, echo)
+    stats.actors = actors.series
     shards = list(committer.results.values())
     if status == "completed":
         breach = _failure_limits_breached(job, stats, shards)

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import rows
+from pipeline.actors import ActorSeries, render_actors
 from pipeline.plan import Plan
 from pipeline.writer import ShardResult
 
@@ -35,6 +36,8 @@ class RunStats:
     # so the rows tell when each call ended, how long it ran and how many samples it answered. Keyed by that
     # end (microseconds): [busy seconds, samples].
     model_calls: dict[int, list[float]] = field(default_factory=dict)
+    # Actors per actor-pool stage over the run, sampled by the driver (`pipeline.actors`).
+    actors: ActorSeries = field(default_factory=dict)
 
     def observe(self, table: pa.Table) -> None:
         for stage in rows.stages_timed(table):
@@ -141,6 +144,7 @@ def build_summary(outcome: RunOutcome) -> dict[str, object]:
         "seconds_to_first_row": round(stats.first_row_seconds, 3) if stats.first_row_seconds is not None else None,
         "stages": stages,
         "steady_state": _steady_state(stats),
+        "actors": stats.actors,
     }
 
 
@@ -191,6 +195,9 @@ def render_summary(summary: dict[str, object], summary_url: str | None) -> str:
     assert isinstance(stages, dict)
     busy = ", ".join(f"{name} {info['busy_seconds']:.1f} s" for name, info in stages.items())
     lines.append(f"  busy      {busy}")
+    actors = render_actors(summary.get("actors") or {})
+    if actors:
+        lines.append(actors)
     lines.append(f"  outputs   {len(shards['outputs'])} Parquet file(s) under {summary['output']}")
     if shards.get("rows_replaced"):
         lines.append(f"  retried   {shards['rows_replaced']} row(s) replaced in place")
