@@ -1,13 +1,15 @@
-"""Autoscaling shown working: on a local autoscaling cluster, the model pool starts at its minimum, grows
-while work waits, Ray's autoscaler adds worker nodes for it and removes them once idle, and every key is
-written exactly once.
+"""Autoscaling shown working: on a local autoscaling cluster, the model pool starts at its minimum, grows to
+its maximum while work waits, Ray's autoscaler adds a worker node for it and removes the node once idle,
+and every key is written exactly once.
 
 The cluster is Ray's fake multi-node provider (`RAY_FAKE_CLUSTER`): the head's autoscaler starts and stops
-real raylets on this machine as "nodes" of the configured type, exactly as it would ask a cloud (or KubeRay)
-for pods. It needs its own cluster, so it runs in its own process, like the node-loss test. It is started
-with `ray.cluster_utils.Cluster` and an autoscaling config rather than `AutoscalingCluster`, whose
-`start()` and `shutdown()` run `ray stop --force` and would take down every other Ray on the machine
-(the suite's session Ray included); here only the processes this cluster started are stopped.
+real raylets on this machine as "nodes" of the configured type, as it would ask KubeRay for pods. Each
+model actor asks for one GPU (a logical one: the tiny model runs on the CPU); the head has one, so the
+pool of [1, 2] starts there and can grow only onto a worker node with another. It needs its own cluster,
+so it runs in its own process, like the node-loss test. It is started with `ray.cluster_utils.Cluster`
+and an autoscaling config rather than `AutoscalingCluster`, whose `start()` and `shutdown()` run
+`ray stop --force` and would take down every other Ray on the machine (the suite's session Ray
+included); here only this cluster's processes are stopped.
 """
 
 from __future__ import annotations
@@ -24,12 +26,15 @@ from support import assert_exactly_once, base_job, read_output, upload
 from pipeline import faults
 from pipeline.testing.shards import write_shards
 
-# The head has room for one model actor (and the read task and prepare actor); each worker node for one
-# more. A pool of [1, 3] model actors at full size needs both worker nodes.
-HEAD_CPUS = 2
-WORKER_CPUS = 1
-MAX_WORKERS = 2
-MODEL_POOL = (1, 3)
+CLUSTER = {
+    # Room for the stage tasks, the prepare actor and one model actor (a logical GPU: the tiny model runs on
+    # the CPU). A pool of [1, 2] starts on the head and needs a worker node to grow.
+    "head": {"CPU": 2, "GPU": 1},
+    # One model actor per node; no CPUs, so stage tasks stay on the head (and start no workers there).
+    "worker": {"CPU": 0, "GPU": 1, "object_store_memory": 100 * 1024 * 1024},
+    "max_workers": 1,
+}
+MODEL_POOL = (1, 2)
 
 AUTOSCALING_SCRIPT = """
 import json, os, socket, sys, threading, time
@@ -42,8 +47,9 @@ from pipeline.config import JobConfig
 from pipeline.runner import run_job
 
 job = JobConfig.model_validate(json.loads(sys.argv[1]))
-head_cpus, worker_cpus, max_workers = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-max_model_actors, config_path, release_path = int(sys.argv[5]), sys.argv[6], sys.argv[7]
+cluster_shape = json.loads(sys.argv[2])
+config_path, release_path = sys.argv[3], sys.argv[4]
+most_model_actors = job.stages.model.concurrency[1]
 
 with socket.socket() as probe:  # the autoscaler's node provider must know the GCS address before the head starts
     probe.bind(("127.0.0.1", 0))
@@ -51,7 +57,7 @@ with socket.socket() as probe:  # the autoscaler's node provider must know the G
 ip = ray._private.services.get_node_ip_address()
 config = {
     "cluster_name": "autoscaling-test",
-    "max_workers": max_workers,
+    "max_workers": cluster_shape["max_workers"],
     "provider": {
         "type": "fake_multinode",
         "gcs_address": f"{ip}:{port}",
@@ -60,17 +66,16 @@ config = {
         "disable_launch_config_check": True,
     },
     "available_node_types": {
-        "ray.head.default": {"resources": {"CPU": head_cpus}, "node_config": {}, "max_workers": 0},
-        "worker": {
-            "resources": {"CPU": worker_cpus, "object_store_memory": 100 * 1024 * 1024},
+        "ray.head.default": {"resources": cluster_shape["head"], "node_config": {}, "max_workers": 0},
+        "gpu": {
+            "resources": cluster_shape["worker"],
             "node_config": {},
             "min_workers": 0,
-            "max_workers": max_workers,
+            "max_workers": cluster_shape["max_workers"],
         },
     },
     "head_node_type": "ray.head.default",
-    # A node idle for 3 seconds is removed: long enough to outlast the gaps between batches, short
-    # enough to watch it happen within the test.
+    # A node idle for 3 seconds is removed, so the test sees nodes leave within seconds of the run's end.
     "idle_timeout_minutes": 0.05,
     "upscaling_speed": 1.0,
     "auth": {}, "docker": {}, "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
@@ -84,13 +89,16 @@ with open(config_path, "w") as f:
 cluster = Cluster(
     initialize_head=True,
     head_node_args={
-        "num_cpus": head_cpus,
+        "num_cpus": cluster_shape["head"]["CPU"],
+        "num_gpus": cluster_shape["head"]["GPU"],
         "gcs_server_port": port,
         "autoscaling_config": config_path,
         "include_dashboard": False,
         "dashboard_agent_listen_port": 0,
         # As `ray start --head` does under RAY_FAKE_CLUSTER: the provider knows the head by this id.
         "env_vars": {"RAY_OVERRIDE_NODE_ID_FOR_TESTING": FAKE_HEAD_NODE_ID},
+        # As the suite's session Ray: idle task workers stay for the next task instead of being restarted.
+        "_system_config": {"num_workers_soft_limit": 12, "idle_worker_killing_time_threshold_ms": 600_000},
     },
 )
 [monitor] = cluster.head_node.all_processes["monitor"]
@@ -116,7 +124,7 @@ def watch():
             nodes.append([round(time.monotonic() - started, 1), count])
         if os.path.exists(release_path):
             continue
-        if model_actors_alive() < max_model_actors:
+        if model_actors_alive() < most_model_actors:
             full_since = None
         elif full_since is None:
             full_since = time.monotonic()
@@ -154,16 +162,19 @@ def test_model_pool_grows_from_its_minimum_as_nodes_join_then_nodes_leave_exactl
     s3, tiny_model, bucket, tmp_path
 ):
     started = time.monotonic()
-    local = write_shards(tmp_path / "shards", shards=20, samples_per_shard=1, seed=3)
+    # One sample per shard: each shard is one block, one model task, so work queues task by task.
+    local = write_shards(tmp_path / "shards", shards=12, samples_per_shard=1, seed=3)
     for path in local:
         upload(s3, path, f"{bucket}/shards/{path.name}")
     job = base_job(
         bucket,
         tiny_model,
         stages={
-            "read": {"num_cpus": 0.25, "rows_per_block": 2},
+            # One read and one parse task at a time: a couple of task workers on the head, not one per shard.
+            "read": {"num_cpus": 0.25, "concurrency": 1},
             "prepare": {"concurrency": 1, "num_cpus": 0.5, "batch_size": 2},
-            "model": {"concurrency": list(MODEL_POOL), "num_gpus": 0, "num_cpus": WORKER_CPUS, "batch_size": 2},
+            "model": {"concurrency": list(MODEL_POOL), "num_gpus": 1, "num_cpus": 0, "batch_size": 2},
+            "parse": {"num_cpus": 0.25, "concurrency": 1},
         },
     )
     # Each model call takes 5 seconds longer (a slow GPU, without spending this machine's CPUs) until the
@@ -191,10 +202,7 @@ def test_model_pool_grows_from_its_minimum_as_nodes_join_then_nodes_leave_exactl
             "-c",
             AUTOSCALING_SCRIPT,
             json.dumps(job),
-            str(HEAD_CPUS),
-            str(WORKER_CPUS),
-            str(MAX_WORKERS),
-            str(MODEL_POOL[1]),
+            json.dumps(CLUSTER),
             str(tmp_path / "autoscaling.json"),
             str(release),
         ],
@@ -209,23 +217,23 @@ def test_model_pool_grows_from_its_minimum_as_nodes_join_then_nodes_leave_exactl
     except subprocess.TimeoutExpired:
         os.killpg(script.pid, signal.SIGKILL)
         stdout, stderr = script.communicate()
-    done = subprocess.CompletedProcess(script.args, script.returncode, stdout, stderr)
-    [line] = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")] or [None]
-    assert line, done.stdout[-3000:] + done.stderr[-5000:]
+    [line] = [line for line in stdout.splitlines() if line.startswith("RESULT ")] or [None]
+    assert line, stdout[-3000:] + stderr[-5000:]
     outcome = json.loads(line.removeprefix("RESULT "))
     summary, nodes = outcome["summary"], outcome["nodes"]
+    print(stdout[-3000:])
     print("model actors:", summary["actors"]["model"], "worker nodes:", nodes, "run:", outcome["run_seconds"], "s")
     print("test wall:", round(time.monotonic() - started, 1), "s")
     assert outcome["exit_code"] == 0, summary.get("error")
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert script.returncode == 0, stderr[-3000:]
 
-    # The model pool started at its minimum and grew past it, towards its maximum.
+    # The model pool started at its minimum and grew to its maximum.
     counts = [count for _, count in summary["actors"]["model"]]
     low, high = MODEL_POOL
     assert [c for c in counts if c][0] == low, counts
-    assert low < max(counts) <= high, counts
-    # Worker nodes joined for it (the head alone holds one model actor), and left once idle.
-    assert max(count for _, count in nodes) >= 1, nodes
+    assert max(counts) == high, counts
+    # The worker node joined for the second model actor (the head holds one), and left once idle.
+    assert max(count for _, count in nodes) == CLUSTER["max_workers"], nodes
     assert nodes[-1][1] == 0, nodes
 
     assert_exactly_once(read_output(s3, f"s3://{bucket}/out/"), local)
