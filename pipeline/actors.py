@@ -1,7 +1,7 @@
 """How many actors each actor-pool stage had over a run: sampled on the driver, kept as a step series.
 
 Ray Data runs an actor stage as actors of a class named after its operator, `MapWorker(MapBatches(
-GenerateStage))` (or `MapWorker(...->MapBatches(GenerateStage))` when fused with the stage before), so
+GenerateStage))` (`MapWorker(A->MapBatches(GenerateStage))` when fused with a neighbouring one), so
 the driver can count a stage's actors from the cluster's actor table without help from the stages. A
 thread asks the GCS every few seconds for this driver's ALIVE actors (one small RPC; the dashboard's state
 API is not needed, so it works on a local Ray started without one) and keeps a point only when a count
@@ -47,10 +47,11 @@ def count_by_stage(actor_class_names: list[str], stages: dict[str, str]) -> dict
     """Actors per stage, from the class names of live actors (other actors are not counted)."""
     counts = dict.fromkeys(stages, 0)
     for class_name in actor_class_names:
-        if not class_name.startswith("MapWorker("):
+        if not (class_name.startswith("MapWorker(") and class_name.endswith(")")):
             continue
+        operators = class_name[len("MapWorker(") : -1].split("->")  # fused operators, in order
         for stage, fn_name in stages.items():
-            if class_name.endswith(f"MapBatches({fn_name}))"):
+            if f"MapBatches({fn_name})" in operators:
                 counts[stage] += 1
     return counts
 
@@ -109,6 +110,8 @@ class ActorSampler:
                 log.warning("could not count actors per stage (%s: %s); skipping samples", type(exc).__name__, exc)
                 self._warned = True
             return
+        if self._stop.is_set() and threading.current_thread() is self._thread:
+            return  # answered after the block ended: the series is the run's, and already handed on
         at = round(time.monotonic() - self.started, 1)
         for stage, count in count_by_stage(names, self.stages).items():
             points = self.series[stage]

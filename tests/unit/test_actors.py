@@ -35,8 +35,9 @@ def test_actors_are_counted_by_the_operator_ray_data_names_them_after() -> None:
         "_StatsActor",  # Ray Data's own actors, and anything else of the job, are no stage's
         "AutoscalingCoordinator",
         "MapWorker(MapBatches(GenerateStageV2))",
+        "MapWorker(MapBatches(GenerateStage)->MapBatches(ParseStage))",
     ]
-    assert count_by_stage(names, STAGES) == {"prepare": 1, "model": 2}
+    assert count_by_stage(names, STAGES) == {"prepare": 1, "model": 3}
     assert count_by_stage([], STAGES) == {"prepare": 0, "model": 0}
 
 
