@@ -6,6 +6,7 @@ the driver can count a stage's actors from the cluster's actor table without hel
 thread asks the GCS every few seconds for this driver's ALIVE actors (one small RPC; the dashboard's state
 API is not needed, so it works on a local Ray started without one) and keeps a point only when a count
 changes: `{stage: [[seconds since the run started, actors], ...]}`, compact for a run of any length.
+Counts are as sampled: an actor alive for less than the interval may not be seen.
 
 Sampling is an observer: a failed sample is logged once and skipped, and never fails or slows the run.
 """

@@ -24,7 +24,6 @@ import time
 from support import assert_exactly_once, base_job, read_output, upload
 
 from pipeline import faults
-from pipeline.actors import peak
 from pipeline.testing.shards import write_shards
 
 CLUSTER = {
@@ -214,7 +213,7 @@ def test_model_pool_grows_from_its_minimum_as_nodes_join_then_nodes_leave_exactl
         start_new_session=True,
     )
     try:
-        stdout, stderr = script.communicate(timeout=240)
+        stdout, stderr = script.communicate(timeout=300)
     except subprocess.TimeoutExpired:
         os.killpg(script.pid, signal.SIGKILL)
         stdout, stderr = script.communicate()
@@ -233,7 +232,6 @@ def test_model_pool_grows_from_its_minimum_as_nodes_join_then_nodes_leave_exactl
     low, high = MODEL_POOL
     assert [c for c in counts if c][0] == low, counts
     assert max(counts) == high, counts
-    assert peak(summary["actors"])["prepare"] == 1  # a fixed pool of one
     assert f"model max {high} (" in stdout  # the printed summary's `actors` line
     # The worker node joined for the second model actor (the head holds one), and left once idle.
     assert max(count for _, count in nodes) == CLUSTER["max_workers"], nodes
