@@ -9,7 +9,8 @@ pool of [1, 2] starts there and can grow only onto a worker node with another. I
 so it runs in its own process, like the node-loss test. It is started with `ray.cluster_utils.Cluster`
 and an autoscaling config rather than `AutoscalingCluster`, whose `start()` and `shutdown()` run
 `ray stop --force` and would take down every other Ray on the machine (the suite's session Ray
-included); here only this cluster's processes are stopped.
+included), and whose base config (`fake_multi_node/example.yaml`) the Ray wheel does not ship; here
+only this cluster's processes are stopped.
 """
 
 from __future__ import annotations
