@@ -7,11 +7,13 @@ Off unless `LLAVA_PIPELINE_FAULTS` holds a JSON object (the driver forwards it t
                "driver.commit": {"action": "kill", "skip": 1}}}
 
 Each rule (or list of rules, tried in order) names a point in the code (`POINTS`) and what happens there: `kill` (SIGKILL this process,
-as the OOM killer or a preempted node would), `hang` (sleep far past any timeout), `oom`
-(`MemoryError`) or `raise` (`RuntimeError`). `skip` ignores that many hits in this process first;
+as the OOM killer or a preempted node would), `hang` (sleep far past any timeout), `delay` (sleep
+`seconds`, then go on: a slow GPU, without spending CPU), `oom` (`MemoryError`) or `raise`
+(`RuntimeError`). `skip` ignores that many hits in this process first;
 `times` bounds how often the rule fires across every process of the run (claims are files under
 `state_dir`, which survive an actor or driver being killed), -1 for always; `min_batch` fires only
-on batches at least that large.
+on batches at least that large; `until_file` lifts the rule once that file exists, a `delay` under
+way included (a drill that ends the fault when it has seen what it waited for).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ POINTS = {
     "driver.commit": "the driver between writing a shard's staged file and moving it into place",
     "driver.committed": "the driver right after a shard's completion marker is written",
 }
-ACTIONS = ("kill", "hang", "oom", "raise")
+ACTIONS = ("kill", "hang", "delay", "oom", "raise")
 
 
 @dataclass
@@ -46,6 +48,8 @@ class _Rule:
     times: int = 1
     skip: int = 0
     min_batch: int = 0
+    seconds: float = 0.0  # how long `delay` sleeps
+    until_file: str | None = None
     hits: int = field(default=0, compare=False)
 
 
@@ -110,7 +114,7 @@ def inject(point: str, *, batch: int = 0) -> None:
     if plan is None or point not in plan.rules:
         return
     for rule in plan.rules[point]:
-        if batch < rule.min_batch:
+        if batch < rule.min_batch or (rule.until_file and os.path.exists(rule.until_file)):
             continue
         rule.hits += 1
         if rule.hits > rule.skip and _claim(plan, rule):
@@ -122,6 +126,17 @@ def inject(point: str, *, batch: int = 0) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     if rule.action == "hang":
         time.sleep(24 * 3600)
+    if rule.action == "delay":
+        _sleep(rule.seconds, rule.until_file)
+        return
     if rule.action == "oom":
         raise MemoryError(f"injected out of memory at {point} (batch of {batch})")
     raise RuntimeError(f"injected failure at {point}")
+
+
+def _sleep(seconds: float, until_file: str | None) -> None:
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        if until_file and os.path.exists(until_file):
+            return
+        time.sleep(min(left, 0.2))

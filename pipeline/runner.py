@@ -22,6 +22,7 @@ import ray
 import ray.data
 
 from pipeline import faults, metrics, rows
+from pipeline.actors import ActorSampler, actor_stages
 from pipeline.config import JobConfig
 from pipeline.errors import PipelineError
 from pipeline.layout import OutputLayout
@@ -266,8 +267,9 @@ def _run_leased(plan: Plan, echo, command: str, lease: OutputLease | None, stage
     except Exception as exc:  # hidden from readers; `verify` lists what is left
         log.warning("could not remove files killed runs left under %s: %s", plan.output.staging_root(), exc)
 
-    with ray_cluster(job):
+    with ray_cluster(job), ActorSampler(actor_stages(job), started=stats.started) as actors:
         status, error, exit_code = _stream(plan, committer, stats, echo, stages)
+    stats.actors = actors.series
     shards = list(committer.results.values())
     if status == "completed":
         breach = _failure_limits_breached(job, stats, shards)

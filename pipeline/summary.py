@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 
 from pipeline import rows
 from pipeline.accounting import Usage, cost_summary, render_usage, token_summary
+from pipeline.actors import ActorSeries, render_actors
 from pipeline.plan import Plan
 from pipeline.writer import ShardResult
 
@@ -44,6 +45,8 @@ class RunStats:
     timeline: list[tuple[float, int]] = field(default_factory=list)
     # Each shard's busy seconds, every stage's share of its rows summed: which shards cost the most.
     shard_seconds: Counter = field(default_factory=Counter)
+    # Actors per actor-pool stage over the run, sampled by the driver (`pipeline.actors`).
+    actors: ActorSeries = field(default_factory=dict)
 
     def observe(self, table: pa.Table) -> None:
         for stage in rows.stages_timed(table):
@@ -200,6 +203,7 @@ def build_summary(outcome: RunOutcome) -> dict[str, object]:
             for shard, seconds in stats.shard_seconds.most_common(SLOWEST_SHARDS)
         ],
         "timeline": _timeline(stats),
+        "actors": stats.actors,
     }
 
 
@@ -270,6 +274,9 @@ def render_summary(summary: dict[str, object], summary_url: str | None) -> str:
     busy = ", ".join(f"{name} {info['busy_seconds']:.1f} s" for name, info in stages.items())
     lines.append(f"  busy      {busy}")
     lines.extend(render_usage(summary))
+    actors = render_actors(summary.get("actors") or {})
+    if actors:
+        lines.append(actors)
     lines.append(f"  outputs   {len(shards['outputs'])} Parquet file(s) under {summary['output']}")
     if shards.get("rows_replaced"):
         lines.append(f"  retried   {shards['rows_replaced']} row(s) replaced in place")

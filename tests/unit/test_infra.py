@@ -330,3 +330,24 @@ def test_ray_version_and_image_agree_with_constraints():
             for pod in _pod_specs(cluster):
                 images.update(c["image"] for c in pod["containers"])
     assert len(images) == 1, f"head, workers and jobs must share one image, found {sorted(images)}"
+
+
+@pytest.mark.parametrize("item", RAY_DOCUMENTS, ids=_doc_id)
+def test_clusters_autoscale_far_enough_for_the_model_pool_at_its_maximum(item):
+    """`stages.model.concurrency: [min, max]` grows only into pods Ray's autoscaler can add: every cluster
+    runs KubeRay's in-tree autoscaler, and its GPU groups can hold the job spec's model pool at its maximum."""
+    where, document = item
+    jobs = [
+        JobConfig.model_validate(yaml.safe_load(text)) for data in _config_maps().values() for text in data.values()
+    ]
+    for cluster in _cluster_specs(document):
+        assert cluster.get("enableInTreeAutoscaling") is True, f"{where}: enableInTreeAutoscaling is not on"
+        gpus = 0.0
+        for group in cluster.get("workerGroupSpecs", []):
+            assert group["minReplicas"] <= group["maxReplicas"], f"{where}: {group['groupName']}"
+            limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+            gpus += group["maxReplicas"] * float(limits.get("nvidia.com/gpu", 0))
+        for job in jobs:
+            model = job.stages.model
+            most = model.concurrency if isinstance(model.concurrency, int) else model.concurrency[1]
+            assert most * model.num_gpus <= gpus, f"{where}: {most} model actors need {most * model.num_gpus:g} GPUs"

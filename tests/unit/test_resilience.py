@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -75,6 +76,19 @@ def test_fault_rules_fire_in_order_bounded_across_processes(tmp_path: Path, monk
         faults.inject("model.batch", batch=8)
     assert (faults.fired(tmp_path, "model.batch", 0), faults.fired(tmp_path, "model.batch", 1)) == (2, 1)
     faults.inject("model.load")  # no rule for this point
+
+
+def test_delay_rule_sleeps_until_its_release_file_appears(tmp_path: Path, monkeypatch) -> None:
+    release = tmp_path / "release"
+    rules = {"model.batch": {"action": "delay", "seconds": 0.3, "times": -1, "until_file": str(release)}}
+    monkeypatch.setenv(faults.ENV, json.dumps({"state_dir": str(tmp_path), "rules": rules}))
+    started = time.monotonic()
+    faults.inject("model.batch", batch=1)  # slow, and then goes on: no exception
+    assert time.monotonic() - started >= 0.3
+    release.touch()
+    started = time.monotonic()
+    faults.inject("model.batch", batch=1)
+    assert time.monotonic() - started < 0.1
 
 
 def test_fault_plan_rejects_unknown_points_and_actions() -> None:
