@@ -119,6 +119,13 @@ def _stream(
     progress = _Progress(echo, len(plan.shards))
     live = metrics.DriverMetrics(plan.job.name, plan.run_id)
     restarts = 0
+
+    def committed(results: list) -> None:
+        """Shards whose commit (on the committer's threads) finished: into the counters and the live metrics."""
+        stats.observe_commits(results)
+        for result in results:
+            live.shard_finished(result.status)
+
     try:
         while True:
             pending = [r.shard for r in committer.unfinished()]
@@ -130,18 +137,15 @@ def _stream(
                     admitted = committer.admit(batch)
                     stats.observe(admitted)  # counted once, however often a row was delivered
                     live.observe(admitted, stats)
-                    finished = committer.commit_ready()
-                    stats.observe_commits(finished)
-                    for result in finished:
-                        live.shard_finished(result.status)
+                    committed(committer.commit_ready())
                     stats.driver_seconds += time.perf_counter() - arrived
                     progress.maybe_report(stats, committer)
-                stats.observe_commits(committer.drain())
+                committed(committer.drain())
                 break
             except Exception as exc:
                 if restarts >= plan.job.retries.stream_restarts or not is_cluster_fault(exc):
                     raise
-                stats.observe_commits(committer.drain())  # what is left unfinished is what the restart reads again
+                committed(committer.drain())  # what is left unfinished is what the restart reads again
                 restarts += 1
                 stats.stream_restarts = restarts
                 log.warning(

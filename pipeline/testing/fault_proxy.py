@@ -44,7 +44,7 @@ class FaultProxy:
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
-        self._rng = random.Random(self.seed)
+        self._seen: Counter = Counter()
 
     @property
     def endpoint_url(self) -> str:
@@ -74,9 +74,14 @@ class FaultProxy:
             if any(fragment in path for fragment in self.forbidden):
                 self.counts["error_403"] += 1
                 return "error_403"
-            roll = self._rng.random()
+            # Each request's fate follows from the seed, its method and path and how often that was asked
+            # before, not from the order concurrent clients happen to send requests in: reruns fail alike.
+            attempt = self._seen[(method, path)]
+            self._seen[(method, path)] += 1
+            rng = random.Random(f"{self.seed}:{method}:{path}:{attempt}")
+            roll = rng.random()
             if roll < self.error_rate:
-                action = "error_503" if self._rng.random() < 0.5 else "error_500"
+                action = "error_503" if rng.random() < 0.5 else "error_500"
             elif roll < self.error_rate + self.drop_rate and method == "GET":
                 action = "drop_mid_body"
             else:

@@ -29,6 +29,7 @@ from pipeline.cli import main
 from pipeline.config import JobConfig, LeaseConfig
 from pipeline.layout import OutputLayout
 from pipeline.lease import LeaseHeld, LeaseLost, OutputLease, read_lease
+from pipeline.schema import CURRENT_VERSION
 from pipeline.storage import resolve_storage
 from pipeline.testing.shards import write_shards
 
@@ -67,7 +68,7 @@ def test_verify_passes_a_prefix_a_run_committed(capsys, s3, committed):
     result = run_cli(capsys, "verify", committed["url"])
     assert result.exit_code == 0, result.stdout + result.stderr
     assert result.stdout.startswith(f"verify {committed['url']}: ok")
-    assert "files     3 (6 rows, schema llava-pipeline/enrichment v1)" in result.stdout
+    assert f"files     3 (6 rows, schema llava-pipeline/enrichment v{CURRENT_VERSION})" in result.stdout
     marker = json.loads(s3.filesystem().cat_file(f"{committed['bucket']}/out/_done/shard-00000.json"))
     data = s3.filesystem().cat_file(f"{committed['bucket']}/out/shard-00000.parquet")
     assert marker["bytes"] == len(data) and marker["rows"] == 2 and marker["etag"]
@@ -170,7 +171,8 @@ def test_verify_reports_damage_and_a_resume_repairs_it(capsys, s3, committed):
     rerun = run_cli(capsys, "run", committed["job_path"], "--no-progress-bars")
     assert rerun.exit_code == 0, rerun.stderr
     assert "repaired  2 shard(s) marked done whose committed file was missing or changed" in rerun.stdout
-    [summary_path] = [p for p in fs.find(f"{out}/_runs") if json.loads(fs.cat_file(p)).get("repaired")]
+    summaries = [p for p in fs.find(f"{out}/_runs") if p.endswith(".json")]
+    [summary_path] = [p for p in summaries if json.loads(fs.cat_file(p)).get("repaired")]
     summary = json.loads(fs.cat_file(summary_path))
     reasons = {r["shard"].rsplit("/", 1)[1]: r["reason"] for r in summary["repaired"]}
     assert sorted(reasons) == ["shard-00000.tar", "shard-00001.tar"]

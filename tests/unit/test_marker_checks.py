@@ -88,7 +88,12 @@ def test_audit_of_a_committed_prefix_is_clean(tmp_path: Path) -> None:
     out, _ = commit_shards(tmp_path, ["shard-00000", "a/shard-00001"])
     report = audit(out)
     assert report.ok, report.findings
-    assert (report.markers, report.files, report.rows, report.schemas) == (2, 2, 6, ["llava-pipeline/enrichment v1"])
+    assert (report.markers, report.files, report.rows, report.schemas) == (
+        2,
+        2,
+        6,
+        [f"{SCHEMA.name} v{SCHEMA.version}"],
+    )
     assert render(report).splitlines()[0] == f"verify {out.url}: ok"
 
 
@@ -147,7 +152,7 @@ def test_audit_checks_each_file_against_the_schema_version_it_declares(tmp_path:
     assert "declares schema version 99, which this llava-pipeline does not know" in schema_findings["v99.parquet"]
     assert schema_findings["unversioned.parquet"].startswith("declares no schema version")
     assert schema_findings["retyped.parquet"] == (
-        f"column 'image_width' is string, {SCHEMA.name} v1 says {SCHEMA.arrow.field('image_width').type}"
+        f"column 'image_width' is string, {SCHEMA.name} v{SCHEMA.version} says {SCHEMA.arrow.field('image_width').type}"
     )
     assert "column 'key' is nullable" in schema_findings["nulled.parquet"]
 
