@@ -94,7 +94,7 @@ def compare_with_plain(
 
     images = sum(_samples_in(path) for path in shards)
     cpus = os.cpu_count() or 1
-    logical = cpus + 2  # the model actor's cores, plus one each for the CPU stages to take turns on
+    logical = cpus + 3  # the model actor's cores, plus room for a read task, a prepare actor and a parse task
     times: dict[str, list[float]] = {"pipeline": [], "plain": []}
     with local_s3() as s3:
         fs = s3.filesystem()
@@ -115,7 +115,7 @@ def compare_with_plain(
                         "output": {"url": output},
                         "model": {"source": str(model_dir), "device": "cpu"},
                         "tasks": {"caption": {"prompt": PROMPT, "max_new_tokens": new_tokens}},
-                        "stages": {"model": {"num_cpus": cpus, "batch_size": batch_size}},
+                        "stages": {"model": {"num_cpus": cpus, "num_gpus": 0, "batch_size": batch_size}},
                         "ray": {"num_cpus": logical, "progress_bars": False},
                     }
                     job_path = workdir / f"small-job-{repeat}.yaml"
