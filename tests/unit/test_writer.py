@@ -85,7 +85,7 @@ def layout(tmp_path: Path) -> OutputLayout:
     return OutputLayout(str(tmp_path / "out"), StorageConfig(), RetryConfig())
 
 
-def committer(tmp_path: Path, shards: list[Shard]) -> ShardCommitter:
+def committer(tmp_path: Path, shards: list[Shard], **options: Any) -> ShardCommitter:
     return ShardCommitter(
         layout=layout(tmp_path),
         shards=shards,
@@ -93,6 +93,7 @@ def committer(tmp_path: Path, shards: list[Shard]) -> ShardCommitter:
         constants=dict(CONSTANTS),
         run_id="run-1",
         compression="zstd",
+        **options,
     )
 
 
@@ -332,15 +333,7 @@ def test_patch_replaces_retried_rows_in_place(tmp_path: Path) -> None:
 
 def test_commits_on_threads_overlap_the_driver_and_each_shard_commits_once(tmp_path: Path) -> None:
     shards = [make_shard(tmp_path, f"shard-{i:05d}") for i in range(6)]
-    writer = ShardCommitter(
-        layout=layout(tmp_path),
-        shards=shards,
-        schema=SCHEMA,
-        constants=dict(CONSTANTS),
-        run_id="run-1",
-        compression="zstd",
-        commit_threads=4,
-    )
+    writer = committer(tmp_path, shards, commit_threads=4)
     collected = []
     for shard in shards:
         writer.admit(batch(sample(shard, 0), sample(shard, 1), shard_end(shard, 2)))

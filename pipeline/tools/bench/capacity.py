@@ -370,7 +370,7 @@ def run_capacity(options: CapacityOptions, echo=print, *, s3=None) -> CapacityFi
     from pipeline.testing.photos import write_photo_shards
     from pipeline.testing.s3_server import local_s3
     from pipeline.tools.bench.machine import machine_facts
-    from pipeline.tools.bench.report import jsonable
+    from pipeline.tools.bench.report import jsonable, write_figures
 
     figures = CapacityFigures(machine=machine_facts(), options=jsonable(asdict(options)))
     echo(f"machine: {figures.machine['cpus']} CPUs ({figures.machine['cpu_model']})")
@@ -423,10 +423,7 @@ def run_capacity(options: CapacityOptions, echo=print, *, s3=None) -> CapacityFi
             )
         figures.pipeline = run_capacity_pipeline(model_dir, mixed, options, echo, s3=s3)
     echo(render_capacity(figures))
-    if options.json_path:
-        options.json_path.parent.mkdir(parents=True, exist_ok=True)
-        options.json_path.write_text(json.dumps(asdict(figures), indent=2) + "\n")
-        echo(f"figures written to {options.json_path}")
+    write_figures(figures, options.json_path, echo)
     return figures
 
 

@@ -17,6 +17,18 @@ def ratios(figures: Figures) -> dict[str, object]:
     return ratio
 
 
+def write_figures(figures, path: Path | None, echo) -> None:
+    """A bench run's figures (a dataclass) as JSON at `path`, when one was asked for."""
+    if path is None:
+        return
+    import json
+    from dataclasses import asdict
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(asdict(figures), indent=2) + "\n")
+    echo(f"figures written to {path}")
+
+
 def jsonable(values: dict[str, object]) -> dict[str, object]:
     return {k: str(v) if isinstance(v, Path) else v for k, v in values.items()}
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import json
 import os
 import time
 from dataclasses import asdict, replace
@@ -13,7 +12,7 @@ from pipeline.tools.bench.bare import bare_loop, multitask
 from pipeline.tools.bench.machine import machine_facts
 from pipeline.tools.bench.options import BenchOptions, Figures
 from pipeline.tools.bench.pipeline_run import run_pipeline
-from pipeline.tools.bench.report import jsonable, ratios, render
+from pipeline.tools.bench.report import jsonable, ratios, render, write_figures
 from pipeline.tools.bench.workload import default_batch_size, generate_shards, shards_for
 
 
@@ -73,8 +72,5 @@ def run_bench(options: BenchOptions, echo=print, *, s3=None) -> Figures:
     figures.ratio = ratios(figures)
     figures.machine["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     echo(render(figures))
-    if options.json_path:
-        options.json_path.parent.mkdir(parents=True, exist_ok=True)
-        options.json_path.write_text(json.dumps(asdict(figures), indent=2) + "\n")
-        echo(f"figures written to {options.json_path}")
+    write_figures(figures, options.json_path, echo)
     return figures
