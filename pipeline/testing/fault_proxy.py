@@ -74,11 +74,13 @@ class FaultProxy:
             if any(fragment in path for fragment in self.forbidden):
                 self.counts["error_403"] += 1
                 return "error_403"
-            # Each request's fate follows from the seed, its method and path and how often that was asked
-            # before, not from the order concurrent clients happen to send requests in: reruns fail alike.
-            attempt = self._seen[(method, path)]
-            self._seen[(method, path)] += 1
-            rng = random.Random(f"{self.seed}:{method}:{path}:{attempt}")
+            # Each request's fate follows from the seed, its method, its object key (the path without the
+            # bucket, which tests name at random, and without the query) and how often that was asked before,
+            # not from the order concurrent clients happen to send requests in: reruns fail alike.
+            key = (method, path.split("?", 1)[0].lstrip("/").partition("/")[2])
+            attempt = self._seen[key]
+            self._seen[key] += 1
+            rng = random.Random(f"{self.seed}:{key[0]}:{key[1]}:{attempt}")
             roll = rng.random()
             if roll < self.error_rate:
                 action = "error_503" if rng.random() < 0.5 else "error_500"
