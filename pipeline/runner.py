@@ -343,25 +343,24 @@ def _failure_limits_breached(job: JobConfig, stats: RunStats, shards: list[Shard
 def _write_report(output: OutputLayout, run_id: str, summary: dict[str, object]) -> str | None:
     from pipeline.report import render_report
 
-    try:
-        return output.write_report(run_id, render_report(summary))
-    except Exception as exc:
-        log.error(
-            "could not write the run report to %s: %s",
-            output.report_url(run_id),
-            describe_storage_error(exc, output.url, output.storage),
-        )
-        return None
+    return _write_run_file(
+        output, "report", output.report_url(run_id), lambda: output.write_report(run_id, render_report(summary))
+    )
 
 
 def _write_summary(output: OutputLayout, run_id: str, summary: dict[str, object]) -> str | None:
+    return _write_run_file(
+        output, "summary", output.summary_url(run_id), lambda: output.write_summary(run_id, summary_json(summary))
+    )
+
+
+def _write_run_file(output: OutputLayout, what: str, url: str, write) -> str | None:
+    """A run's summary or report: a failure to write it is logged, never turned into a failed run."""
     try:
-        return output.write_summary(run_id, summary_json(summary))
+        return write()
     except Exception as exc:
         log.error(
-            "could not write the run summary to %s: %s",
-            output.summary_url(run_id),
-            describe_storage_error(exc, output.url, output.storage),
+            "could not write the run %s to %s: %s", what, url, describe_storage_error(exc, output.url, output.storage)
         )
         return None
 
