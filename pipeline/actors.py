@@ -40,7 +40,7 @@ def actor_stages(job: "JobConfig") -> dict[str, str]:
     return {
         stage.name: stage.fn.__name__
         for stage in STAGES
-        if isinstance(stage, MapStage) and isinstance(stage.section(job), ActorStageConfig)
+        if isinstance(stage, MapStage) and stage.enabled(job) and isinstance(stage.section(job), ActorStageConfig)
     }
 
 

@@ -226,6 +226,60 @@ class ModelConfig(StrictModel):
         return check_url(value) if "://" in value else value
 
 
+class EmbedModelConfig(StrictModel):
+    """An embedding checkpoint and how each embed actor loads it (the fields `model` has, where they apply)."""
+
+    source: str = Field(
+        ...,
+        min_length=1,
+        description="A Hugging Face hub id, a local directory, or an `s3://` prefix holding a `save_pretrained` "
+        "checkpoint. Remote checkpoints are fetched once per node into `cache_dir`, as `model.source` is.",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for hub ids.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto",
+        description="Weights dtype. `auto`: float16 on a GPU, float32 on CPU. Embeddings are written as float32 "
+        "whatever the weights.",
+    )
+    device: Literal["auto", "cuda", "cpu"] = Field(
+        "auto", description="`auto`: CUDA when the embed actor was given a GPU (`stages.embed.num_gpus`), else CPU."
+    )
+    cache_dir: str | None = Field(
+        None,
+        description="Node-local directory for fetched checkpoints. Unset: `$LLAVA_PIPELINE_CACHE`, else "
+        "`~/.cache/llava-pipeline`.",
+    )
+    storage: StorageConfig | None = Field(None, description="Overrides the top-level `storage` for `s3://` models.")
+
+    @field_validator("source")
+    @classmethod
+    def _source_supported(cls, value: str) -> str:
+        return check_url(value) if "://" in value else value
+
+
+class EmbedConfig(StrictModel):
+    """Embeddings written next to the captions, for search and for auditing captions (schema version 3).
+    Each model adds its columns; leave a model out and its columns are not written."""
+
+    image_text_model: EmbedModelConfig | None = Field(
+        None,
+        description="A CLIP-family checkpoint (`CLIPModel`, SigLIP; loaded through the transformers Auto classes): "
+        "writes `image_embedding` and, with `tasks.caption`, `clip_score` (how well the caption matches its "
+        "image). Its pixel inputs are made by the prepare stage from the image it decoded for the model.",
+    )
+    text_model: EmbedModelConfig | None = Field(
+        None,
+        description="A sentence-transformers checkpoint (e.g. `sentence-transformers/all-MiniLM-L6-v2`): writes "
+        "`caption_embedding`. Needs `tasks.caption`.",
+    )
+
+    @model_validator(mode="after")
+    def _at_least_one_model(self) -> "EmbedConfig":
+        if self.image_text_model is None and self.text_model is None:
+            raise ValueError("set image_text_model, text_model, or both (or leave out the embed section)")
+        return self
+
+
 class CaptionTask(StrictModel):
     prompt: str = Field(
         "Write a one-sentence caption for this image.", min_length=1, description="Instruction sent with the image."
@@ -444,6 +498,22 @@ class ParseStageConfig(TaskStageConfig):
     """Turning the model's raw answers into captions, tags and question-answer pairs (Ray tasks)."""
 
 
+class EmbedStageConfig(ActorStageConfig):
+    """Embedding (actors; only with an `embed` section)."""
+
+    concurrency: Concurrency = Field(
+        1, description="Embed actors: a fixed count, or `[min, max]` for an autoscaling pool."
+    )
+    num_gpus: float = Field(
+        0.0,
+        ge=0,
+        description="GPUs per embed actor; 0 runs the embedding models on CPU. A CLIP-sized model needs a "
+        "fraction of a GPU: on a GPU cluster `0.25` lets it share one with other embed actors.",
+    )
+    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per embed actor.")
+    batch_size: int = Field(32, ge=1, description="Rows per call.")
+
+
 class StagesConfig(StrictModel):
     """Ray Data resources per stage, in the order rows flow through them. Each stage scales on its own."""
 
@@ -455,6 +525,10 @@ class StagesConfig(StrictModel):
     parse: ParseStageConfig = Field(
         default_factory=ParseStageConfig,
         description="Parsing answers into the `caption`, `tags` and `vqa` columns (Ray tasks).",
+    )
+    embed: EmbedStageConfig = Field(
+        default_factory=EmbedStageConfig,
+        description="Image and caption embeddings (actors); runs only when the job has an `embed` section.",
     )
 
 
@@ -536,6 +610,9 @@ class JobConfig(StrictModel):
     output: OutputConfig = Field(..., description="Parquet outputs.")
     model: ModelConfig = Field(..., description="The model.")
     tasks: TasksConfig = Field(..., description="What to ask of each image.")
+    embed: EmbedConfig | None = Field(
+        None, description="Embedding models (schema version 3 columns). Unset: no embedding stage."
+    )
     generation: GenerationConfig = Field(default_factory=GenerationConfig, description="Decoding settings.")
     decode: DecodeConfig = Field(default_factory=DecodeConfig, description="Image decoding.")
     stages: StagesConfig = Field(default_factory=StagesConfig, description="Per-stage Ray resources.")
@@ -555,6 +632,27 @@ class JobConfig(StrictModel):
         if self.model.device == "cuda" and self.stages.model.num_gpus == 0:
             raise ValueError("model.device is cuda but stages.model.num_gpus is 0, so model actors get no GPU")
         return self
+
+    @model_validator(mode="after")
+    def _embeddings_have_what_they_embed(self) -> "JobConfig":
+        if self.embed is None:
+            return self
+        if self.embed.text_model is not None and self.tasks.caption is None:
+            raise ValueError("embed.text_model embeds captions, but tasks.caption is off; enable it")
+        for name in ("image_text_model", "text_model"):
+            model = getattr(self.embed, name)
+            if model is not None and model.device == "cuda" and self.stages.embed.num_gpus == 0:
+                raise ValueError(
+                    f"embed.{name}.device is cuda but stages.embed.num_gpus is 0, so embed actors get no GPU"
+                )
+        return self
+
+    def stage_sections(self) -> dict[str, "ReadStageConfig | ActorStageConfig | TaskStageConfig"]:
+        """`stages:` sections of the stages this job runs, in order (the embed stage only with `embed`)."""
+        sections = {name: getattr(self.stages, name) for name in type(self.stages).model_fields}
+        if self.embed is None:
+            del sections["embed"]
+        return sections
 
     def storage_for(self, section: Literal["input", "output", "model"]) -> StorageConfig:
         return getattr(self, section).storage or self.storage

@@ -34,6 +34,7 @@ ENV = "LLAVA_PIPELINE_FAULTS"
 POINTS = {
     "model.load": "a model actor loading its checkpoint",
     "model.batch": "a model actor about to generate for one chunk of images (`batch` = images in it)",
+    "embed.batch": "an embed actor about to run one embedding model over rows (`batch` = rows)",
     "driver.rows": "the driver receiving a batch of finished rows",
     "driver.commit": "the driver between writing a shard's staged file and moving it into place",
     "driver.committed": "the driver right after a shard's completion marker is written",

@@ -157,22 +157,8 @@ class InputBuilder:
         return arrays, replacement
 
     def decode_size(self, width: int, height: int) -> tuple[int, int] | None:
-        """The smallest (width, height) an image of this size may be decoded at without changing what the
-        processor resizes it to; None where decoding smaller could change it.
-
-        Processors that tile at several resolutions (LLaVA-NeXT's any-resolution grid) pick the grid from the
-        decoded size and report it as `image_sizes`, so they always get the full image."""
-        processor = self.image_processor
-        if getattr(processor, "image_grid_pinpoints", None) or not getattr(processor, "do_resize", False):
-            return None
-        size = getattr(processor, "size", None) or {}
-        get = size.get if isinstance(size, dict) else lambda key: getattr(size, key, None)
-        if get("shortest_edge"):
-            scale = get("shortest_edge") / min(width, height)
-            return (math.ceil(width * scale), math.ceil(height * scale)) if scale < 1 else None
-        if get("height") and get("width"):
-            return (get("width"), get("height")) if get("width") < width and get("height") < height else None
-        return None
+        """The smallest (width, height) an image of this size may be decoded at (`smallest_decode_size`)."""
+        return smallest_decode_size(self.image_processor, width, height)
 
     def token_ids(self, rendered: Sequence[str], replacement: str) -> list[list[int]]:
         return [list(ids) for ids in self._token_ids(tuple(rendered), replacement)]
@@ -184,6 +170,66 @@ class InputBuilder:
         add_special = not (bos and expanded and expanded[0].startswith(bos))
         encoded = self.tokenizer(expanded, add_special_tokens=add_special)
         return tuple(tuple(ids) for ids in encoded["input_ids"])
+
+
+def smallest_decode_size(image_processor, width: int, height: int) -> tuple[int, int] | None:
+    """The smallest (width, height) an image of this size may be decoded at without changing what the
+    image processor resizes it to; None where decoding smaller could change it.
+
+    Processors that tile at several resolutions (LLaVA-NeXT's any-resolution grid) pick the grid from the
+    decoded size and report it as `image_sizes`, so they always get the full image."""
+    processor = image_processor
+    if getattr(processor, "image_grid_pinpoints", None) or not getattr(processor, "do_resize", False):
+        return None
+    size = getattr(processor, "size", None) or {}
+    get = size.get if isinstance(size, dict) else lambda key: getattr(size, key, None)
+    if get("shortest_edge"):
+        scale = get("shortest_edge") / min(width, height)
+        return (math.ceil(width * scale), math.ceil(height * scale)) if scale < 1 else None
+    if get("height") and get("width"):
+        return (get("width"), get("height")) if get("width") < width and get("height") < height else None
+    return None
+
+
+def largest_decode_size(*sizes: tuple[int, int] | None) -> tuple[int, int] | None:
+    """The decode size that serves every processor given theirs: the largest, or None (full size) if any is."""
+    if not sizes or any(size is None for size in sizes):
+        return None
+    return (max(size[0] for size in sizes), max(size[1] for size in sizes))  # type: ignore[index]
+
+
+def load_image_processor(model_dir: str, field: str):
+    """The image processor of a checkpoint's processor files (an embedding model's), for pixels alone."""
+    from transformers import AutoImageProcessor
+
+    kwargs: dict[str, object] = {} if torchvision_available() else {"backend": "pil"}
+    try:
+        return AutoImageProcessor.from_pretrained(model_dir, **kwargs)
+    except Exception as exc:
+        raise ConfigError(f"{field}: cannot load an image processor from {model_dir}: {exc}") from None
+
+
+class PixelBuilder:
+    """One decoded image's pixel inputs for an image tower alone (the embed stage's CLIP), as
+    `image_processor(images=[image])["pixel_values"][0]` would make them, packed to travel compactly:
+
+    - `uint8` resized pixels where the processor allows it (`ships_uint8`); the embed actor finishes them
+      with `PixelScaling` (what the model stage does for LLaVA): equal to the processor's float32 values
+      up to float rounding (1e-6);
+    - otherwise the processor's float values as float16 (half the bytes; within 1e-3 relative of them).
+    """
+
+    def __init__(self, image_processor):
+        self.image_processor = image_processor
+        self.uint8_pixels = ships_uint8(image_processor)
+
+    def build(self, image: Image.Image) -> bytes:
+        flags = {"do_rescale": False, "do_normalize": False} if self.uint8_pixels else {}
+        pixels = np.asarray(self.image_processor([image], return_tensors="np", **flags)["pixel_values"])[0]
+        return pack_arrays({"pixel_values": pixels if self.uint8_pixels else pixels.astype(np.float16)})
+
+    def decode_size(self, width: int, height: int) -> tuple[int, int] | None:
+        return smallest_decode_size(self.image_processor, width, height)
 
 
 def pack_arrays(arrays: dict[str, np.ndarray]) -> bytes:

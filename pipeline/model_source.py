@@ -19,7 +19,7 @@ from typing import Literal
 
 from filelock import FileLock
 
-from pipeline.config import ModelConfig, StorageConfig
+from pipeline.config import EmbedModelConfig, ModelConfig, StorageConfig
 from pipeline.errors import ConfigError
 from pipeline.storage import describe_storage_error, filesystem
 from pipeline.urls import protocol_of
@@ -39,11 +39,14 @@ class ModelSource:
     revision: str | None
     storage: StorageConfig
     cache_dir: str
+    field: str = "model.source"  # the job's field naming it, for errors
 
     @classmethod
-    def from_config(cls, config: ModelConfig, storage: StorageConfig) -> "ModelSource":
+    def from_config(
+        cls, config: ModelConfig | EmbedModelConfig, storage: StorageConfig, field: str = "model.source"
+    ) -> "ModelSource":
         cache_dir = config.cache_dir or os.environ.get("LLAVA_PIPELINE_CACHE") or "~/.cache/llava-pipeline"
-        return cls(source=config.source, revision=config.revision, storage=storage, cache_dir=cache_dir)
+        return cls(source=config.source, revision=config.revision, storage=storage, cache_dir=cache_dir, field=field)
 
     @property
     def kind(self) -> Literal["local", "remote", "hub"]:
@@ -59,7 +62,7 @@ def local_model_dir(model: ModelSource, files: Files = "all") -> str:
     if model.kind == "local":
         path = Path(model.source.removeprefix("file://")).expanduser().resolve()
         if not (path / "config.json").is_file():
-            raise ConfigError(f"model.source: {path} is not a saved checkpoint (no config.json)")
+            raise ConfigError(f"{model.field}: {path} is not a saved checkpoint (no config.json)")
         return str(path)
     if model.kind == "remote":
         return _fetch_remote(model, files)
@@ -76,7 +79,7 @@ def _remote_listing(model: ModelSource) -> dict[str, dict[str, object]]:
         root = root.rstrip("/")
         entries = fs.find(root, detail=True)
     except Exception as exc:
-        raise ConfigError(f"model.source: {describe_storage_error(exc, model.source, model.storage)}") from None
+        raise ConfigError(f"{model.field}: {describe_storage_error(exc, model.source, model.storage)}") from None
     listing = {}
     for path, info in entries.items():
         if info.get("type", "file") != "file":
@@ -87,9 +90,9 @@ def _remote_listing(model: ModelSource) -> dict[str, dict[str, object]]:
             "version": str(info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""),
         }
     if not listing:
-        raise ConfigError(f"model.source: nothing found under {model.source}")
+        raise ConfigError(f"{model.field}: nothing found under {model.source}")
     if "config.json" not in listing:
-        raise ConfigError(f"model.source: {model.source} holds no config.json, so it is not a saved checkpoint")
+        raise ConfigError(f"{model.field}: {model.source} holds no config.json, so it is not a saved checkpoint")
     return listing
 
 
@@ -136,6 +139,6 @@ def _fetch_hub(model: ModelSource, files: Files) -> str:
         )
     except Exception as exc:
         raise ConfigError(
-            f"model.source: {model.source!r} is not a local directory, and fetching it from the Hugging Face hub "
+            f"{model.field}: {model.source!r} is not a local directory, and fetching it from the Hugging Face hub "
             f"failed: {type(exc).__name__}: {exc}"
         ) from None

@@ -146,6 +146,7 @@ class _Sources:
         if shards:
             self.output.check_writable(write_probe=write_probe)
             _check_prompts(job, self.model)  # also finds the checkpoint: a missing one is a ConfigError here
+            _check_embed_models(job)
             vocabulary = _load_vocabulary(job, self.input_storage)
         return Plan(
             job=job,
@@ -184,6 +185,13 @@ def _check_prompts(job: JobConfig, model: ModelSource) -> None:
         builder.render(prompt.instruction)
 
 
+def _check_embed_models(job: JobConfig) -> None:
+    """The embedding checkpoints are there and their processor files load (`embed:`), before any work."""
+    from pipeline.stages.embed import check_embed_models
+
+    check_embed_models(job)
+
+
 def _load_vocabulary(job: JobConfig, storage: StorageConfig) -> frozenset[str] | None:
     if job.tasks.tags is None or job.tasks.tags.vocabulary is None:
         return None
@@ -209,6 +217,12 @@ def _settings_json(job: JobConfig) -> str:
         "max_image_pixels": job.decode.max_image_pixels,
         "image_extensions": job.input.image_extensions,
     }
+    if job.embed is not None:  # only then: a job without embeddings keeps its settings (and their digest)
+        settings["embed"] = {
+            name: model.model_dump(include={"source", "revision", "dtype"})
+            for name in ("image_text_model", "text_model")
+            if (model := getattr(job.embed, name)) is not None
+        }
     return json.dumps(settings, sort_keys=True)
 
 
@@ -223,7 +237,12 @@ def check_cluster_fits(job: JobConfig, resources: dict[str, float], *, local: bo
             f"stages.model.num_gpus is {stages.model.num_gpus:g} per model actor but the cluster has {gpus:g} GPU(s); "
             "set stages.model.num_gpus: 0 to run the model on CPU, or join a cluster with GPUs"
         )
-    sections = {name: getattr(stages, name) for name in type(stages).model_fields}
+    if job.embed is not None and stages.embed.num_gpus > 0 and gpus < stages.embed.num_gpus:
+        problems.append(
+            f"stages.embed.num_gpus is {stages.embed.num_gpus:g} per embed actor but the cluster has {gpus:g} "
+            "GPU(s); set stages.embed.num_gpus: 0 to embed on CPU, or join a cluster with GPUs"
+        )
+    sections = job.stage_sections()
     needed = sum(section.min_cpus for section in sections.values())
     cpus = resources.get("CPU", 0.0)
     if needed > cpus:

@@ -34,6 +34,8 @@ PROMPT_IDS = "_prompt_ids"
 PROMPT_TASKS = "_prompt_tasks"
 QUESTIONS = "_questions"
 ANSWERS = "_answers"
+# The embedding model's pixel inputs, made by the prepare stage from the image it decoded (`PixelBuilder`).
+CLIP_PIXELS = "_clip_pixels"
 
 # Which model actor answered a row and when that actor started (epoch seconds): the driver sums each actor's
 # lifetime into the run's model-actor seconds, what the run held its GPUs for.
@@ -74,6 +76,11 @@ REASONS: dict[str, tuple[str, str]] = {
     "out_of_memory": (
         "model",
         "The model ran out of memory for this sample even alone in its batch (CUDA OOM or host MemoryError).",
+    ),
+    "embed_failed": (
+        "embed",
+        "An embedding model raised for this sample even alone in its batch; the row keeps its other outputs "
+        "and the embeddings that did not fail.",
     ),
 }
 

@@ -29,8 +29,9 @@ from pipeline.layout import OutputLayout
 from pipeline.lease import OutputLease, output_lease
 from pipeline.plan import Plan, check_cluster_fits, new_run_id, plan_job, plan_retry_failed
 from pipeline.retry import error_chain
-from pipeline.schema import load_schema
+from pipeline.schema import schema_for
 from pipeline.stages import STAGES
+from pipeline.stages.embed import embedding_columns
 from pipeline.storage import describe_storage_error
 from pipeline.summary import RunOutcome, RunStats, build_summary, render_summary, summary_json
 from pipeline.writer import ShardCommitter, ShardResult
@@ -84,6 +85,8 @@ def build_dataset(plan: Plan, stages: Sequence = STAGES):
     metrics.label_dataset(plan.job.name, plan.run_id)
     dataset = None
     for stage in stages:
+        if not stage.enabled(plan.job):
+            continue
         dataset = stage.add_to(dataset, plan)
         if dataset.context.target_max_block_size != _block_bytes(plan.job):
             # Set on the source's dataset, which every later stage's dataset copies: this job's blocks only.
@@ -256,7 +259,7 @@ def _run_leased(plan: Plan, echo, command: str, lease: OutputLease | None, stage
     committer = ShardCommitter(
         layout=plan.output,
         shards=plan.shards,
-        schema=load_schema(),
+        schema=schema_for(embedding_columns(job)),
         constants={"model": job.model.source, "settings": plan.settings, "run_id": plan.run_id},
         run_id=plan.run_id,
         compression=job.output.compression,
@@ -264,6 +267,7 @@ def _run_leased(plan: Plan, echo, command: str, lease: OutputLease | None, stage
         patch=plan.selection is not None,
         commit_threads=job.output.commit_threads,
         guard=lease.assert_held if lease is not None else None,
+        embedding_models=embedding_columns(job),
     )
     # Under the lease no other run is writing here: whatever is staged was left by killed runs.
     try:

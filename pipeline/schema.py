@@ -2,20 +2,32 @@
 
 The JSON file is the single definition: column names, Arrow types, nullability and the docs the
 README shows. Writers never infer types from data, so every file of a version reads back alike.
+
+From version 3 some columns are optional (`"optional": true`): a job writes only those it configures
+(the embedding columns), so a file's columns are the version's required ones plus the optional ones
+it holds (`OutputSchema.for_columns`); `schema_for` picks the version and columns a job writes. A
+file with embedding columns also records which model made each and its dimension
+(`llava_pipeline.embeddings`, see `embeddings_metadata`).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from importlib import resources
+from typing import Iterable, Mapping
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-CURRENT_VERSION = 2
+CURRENT_VERSION = 3
 METADATA_PREFIX = "llava_pipeline."
+# What a job without optional columns writes: a file without embeddings stays version 2.
+BASE_VERSION = 2
+EMBEDDINGS_KEY = "embeddings"
+# The vector columns (list<float32>), whose dimension the embeddings metadata records.
+VECTOR_COLUMNS = ("image_embedding", "caption_embedding")
 
 _PRIMITIVES = {
     "string": pa.string(),
@@ -53,6 +65,7 @@ class Column:
     type: pa.DataType
     nullable: bool
     description: str
+    optional: bool = False  # present only in files of jobs that configure it
 
 
 @dataclass(frozen=True)
@@ -75,6 +88,15 @@ class OutputSchema:
     @property
     def names(self) -> list[str]:
         return [c.name for c in self.columns]
+
+    @property
+    def optional_names(self) -> list[str]:
+        return [c.name for c in self.columns if c.optional]
+
+    def for_columns(self, present: Iterable[str]) -> "OutputSchema":
+        """This version as a file holding the optional columns among `present` (and every required one)."""
+        keep = set(present)
+        return replace(self, columns=tuple(c for c in self.columns if not c.optional or c.name in keep))
 
     def upgrade(self, table: pa.Table) -> pa.Table:
         """A table written under an earlier version with this version's added columns, null: each version
@@ -156,9 +178,71 @@ def load_schema(version: int = CURRENT_VERSION) -> OutputSchema:
             type=_arrow_type(c["type"]),
             nullable=bool(c["nullable"]),
             description=c["description"],
+            optional=bool(c.get("optional", False)),
         )
         for c in spec["columns"]
     )
     return OutputSchema(
         name=spec["name"], version=int(spec["version"]), description=spec["description"], columns=columns
     )
+
+
+def schema_for(optional_columns: Iterable[str] = ()) -> OutputSchema:
+    """The schema a job writes: version 2 without optional columns, else the newest version with just those."""
+    wanted = list(optional_columns)
+    if not wanted:
+        return load_schema(BASE_VERSION)
+    schema = load_schema(CURRENT_VERSION)
+    unknown = sorted(set(wanted) - set(schema.optional_names))
+    if unknown:
+        raise ValueError(f"{unknown} are not optional columns of {schema.name} v{schema.version}")
+    return schema.for_columns(wanted)
+
+
+def embeddings_metadata(table: pa.Table, models: Mapping[str, str]) -> dict[str, dict[str, object]]:
+    """`llava_pipeline.embeddings` for a table: per embedding column it holds, the model that made it (`models`:
+    column -> model as the job names it) and, for vector columns, the vectors' length (None when no row has
+    one). A column whose vectors differ in length (two models' rows in one file) is a ValueError."""
+    spaces: dict[str, dict[str, object]] = {}
+    for column, model in models.items():
+        if column not in table.column_names:
+            continue
+        entry: dict[str, object] = {"model": model}
+        if column in VECTOR_COLUMNS:
+            lengths = pc.unique(pc.list_value_length(table.column(column)).drop_null()).to_pylist()
+            if len(lengths) > 1:
+                raise ValueError(f"column {column!r} holds vectors of lengths {sorted(lengths)}: rows of different models")
+            entry["dimension"] = lengths[0] if lengths else None
+        spaces[column] = entry
+    return spaces
+
+
+def read_embeddings_metadata(schema: pa.Schema) -> dict[str, dict[str, object]]:
+    """What a file's metadata says about its embedding columns ({} for files without embeddings, v1 and v2)."""
+    raw = (schema.metadata or {}).get(f"{METADATA_PREFIX}{EMBEDDINGS_KEY}".encode())
+    return json.loads(raw) if raw else {}
+
+
+def embeddings_problems(table: pa.Table) -> list[str]:
+    """How a file's embedding columns disagree with its `llava_pipeline.embeddings` metadata, if they do."""
+    columns = [name for name in load_schema(CURRENT_VERSION).optional_names if name in table.column_names]
+    if not columns:
+        return []
+    try:
+        recorded = read_embeddings_metadata(table.schema)
+    except ValueError as exc:
+        return [f"{METADATA_PREFIX}{EMBEDDINGS_KEY} is not JSON: {exc}"]
+    problems = []
+    for column in columns:
+        entry = recorded.get(column)
+        if not isinstance(entry, dict) or not entry.get("model"):
+            problems.append(f"column {column!r} has no model in {METADATA_PREFIX}{EMBEDDINGS_KEY}")
+            continue
+        if column in VECTOR_COLUMNS:
+            lengths = set(pc.unique(pc.list_value_length(table.column(column)).drop_null()).to_pylist())
+            if lengths and lengths != {entry.get("dimension")}:
+                problems.append(
+                    f"column {column!r} holds vectors of length {sorted(lengths)}, the metadata says "
+                    f"{entry.get('dimension')}"
+                )
+    return problems

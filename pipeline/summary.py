@@ -204,7 +204,26 @@ def build_summary(outcome: RunOutcome) -> dict[str, object]:
         ],
         "timeline": _timeline(stats),
         "actors": stats.actors,
+        **_embeddings(job, shards),
     }
+
+
+def _embeddings(job, shards: list[ShardResult]) -> dict[str, object]:
+    """`embeddings`: per embedding column the job writes, its model and the dimension of the vectors this run
+    committed (null when it committed none); absent for jobs without an `embed` section."""
+    from pipeline.stages.embed import embedding_columns
+
+    columns = embedding_columns(job)
+    if not columns:
+        return {}
+    spaces: dict[str, dict[str, object]] = {}
+    for column, model in columns.items():
+        entry: dict[str, object] = {"model": model}
+        if column != "clip_score":
+            written = [r.embeddings[column].get("dimension") for r in shards if column in r.embeddings]
+            entry["dimension"] = next((d for d in written if d is not None), None)
+        spaces[column] = entry
+    return {"embeddings": spaces}
 
 
 # The run report's plots: at most this many points of committed samples over time, and this many shards.
@@ -277,6 +296,13 @@ def render_summary(summary: dict[str, object], summary_url: str | None) -> str:
     actors = render_actors(summary.get("actors") or {})
     if actors:
         lines.append(actors)
+    embeddings = summary.get("embeddings") or {}
+    if embeddings:
+        described = [
+            f"{column} ({info['model']}" + (f", {info['dimension']}-d)" if info.get("dimension") else ")")
+            for column, info in embeddings.items()
+        ]
+        lines.append(f"  embedded  {', '.join(described)}")
     lines.append(f"  outputs   {len(shards['outputs'])} Parquet file(s) under {summary['output']}")
     if shards.get("rows_replaced"):
         lines.append(f"  retried   {shards['rows_replaced']} row(s) replaced in place")

@@ -29,7 +29,7 @@ from pipeline import integrity
 from pipeline.config import RetryConfig, StorageConfig
 from pipeline.errors import ConfigError
 from pipeline.layout import DATA_SUFFIX, OutputLayout
-from pipeline.schema import METADATA_PREFIX, OutputSchema, load_schema
+from pipeline.schema import METADATA_PREFIX, OutputSchema, embeddings_problems, load_schema
 from pipeline.storage import resolve_storage
 from pipeline.urls import check_url
 
@@ -142,8 +142,10 @@ def _declared_schema(schema: pa.Schema, check: FileCheck) -> OutputSchema | None
 
 
 def schema_problems(table: pa.Table, schema: OutputSchema) -> list[str]:
-    """How a table differs from a schema version: columns, types, nullability, then nulls where none may be."""
+    """How a table differs from a schema version: columns, types, nullability, then nulls where none may be.
+    A version's optional columns (the embeddings) may be absent; those present must match their metadata."""
     problems = []
+    schema = schema.for_columns(table.column_names)
     expected = schema.arrow
     missing = [name for name in expected.names if name not in table.column_names]
     extra = [name for name in table.column_names if name not in expected.names]
@@ -169,6 +171,8 @@ def schema_problems(table: pa.Table, schema: OutputSchema) -> list[str]:
             schema.conform(table)
         except ValueError as exc:
             problems.append(str(exc))
+    if schema.optional_names:
+        problems.extend(embeddings_problems(table))
     return problems
 
 

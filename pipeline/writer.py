@@ -23,18 +23,19 @@ file without its marker, which the next run rewrites under the same name: nothin
 
 from __future__ import annotations
 
+import json
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Callable
+from typing import Callable, Mapping
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import faults, integrity, rows
 from pipeline.layout import CommittedFile, OutputLayout
-from pipeline.schema import OutputSchema
+from pipeline.schema import EMBEDDINGS_KEY, OutputSchema, embeddings_metadata
 from pipeline.shards import Shard
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,8 @@ class ShardResult:
     finished: bool = False
     rows_written: int = 0
     rows_replaced: int = 0
+    # What the committed file's `llava_pipeline.embeddings` says: column -> {model, dimension}
+    embeddings: dict[str, dict[str, object]] = field(default_factory=dict)
 
     @property
     def received(self) -> int:
@@ -69,6 +72,8 @@ class ShardCommitter:
     """Commits each shard once all its rows arrived. With `patch`, a shard's arriving rows (retry-failed)
     replace, by key, the rows of its committed file instead of making a new one. `guard`, when given, is
     called before each commit and raises when this run may no longer write (its lease on the prefix was lost).
+    `embedding_models` (embedding column -> the model that makes it, as the job names it) goes into each
+    file's metadata with the dimension of the vectors committed (`llava_pipeline.embeddings`).
     """
 
     def __init__(
@@ -84,6 +89,7 @@ class ShardCommitter:
         patch: bool = False,
         commit_threads: int = 1,
         guard: Callable[[], None] | None = None,
+        embedding_models: Mapping[str, str] | None = None,
     ):
         self.layout = layout
         self.schema = schema
@@ -93,6 +99,7 @@ class ShardCommitter:
         self.settings_digest = settings_digest
         self.patch = patch
         self.guard = guard
+        self.embedding_models = dict(embedding_models or {})
         self.results = {s.url: ShardResult(s) for s in shards}
         self.committed: list[ShardResult] = []
         self._ready: set[str] = set()
@@ -220,6 +227,7 @@ class ShardCommitter:
             log.debug("could not remove %s: %s", staged.path, exc)
         final = committed.path
         result.output_path = final
+        result.embeddings = embeddings_metadata(table, self.embedding_models)
         result.rows_written = table.num_rows
         result.finished = True
         result.parts.clear()
@@ -261,7 +269,7 @@ class ShardCommitter:
         ]
         merged = pa.concat_tables([kept, retried])
         merged = merged.take(pc.sort_indices(pa.array(order, pa.int64())))
-        return self.schema.conform(merged, extra_metadata={"run_id": self.run_id, "shard": url}), retried.num_rows
+        return self.schema.conform(merged, extra_metadata=self._file_metadata(merged, url)), retried.num_rows
 
     def _conform(self, result: ShardResult) -> pa.Table:
         if result.parts:
@@ -271,7 +279,13 @@ class ShardCommitter:
             table = self.schema.arrow.empty_table()
         for name, value in self.constants.items():
             table = rows.set_column(table, name, pa.array([value] * table.num_rows, self.schema.arrow.field(name).type))
-        return self.schema.conform(table, extra_metadata={"run_id": self.run_id, "shard": result.shard.url})
+        return self.schema.conform(table, extra_metadata=self._file_metadata(table, result.shard.url))
+
+    def _file_metadata(self, table: pa.Table, url: str) -> dict[str, str]:
+        metadata = {"run_id": self.run_id, "shard": url}
+        if self.embedding_models:
+            metadata[EMBEDDINGS_KEY] = json.dumps(embeddings_metadata(table, self.embedding_models), sort_keys=True)
+        return metadata
 
     def cleanup_staging(self) -> None:
         staging = self.layout.staging_dir(self.run_id)

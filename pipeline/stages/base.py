@@ -125,6 +125,8 @@ class MapStage:
     fn: type[RowStage]
     section: Callable[[JobConfig], StageSection]
     constructor_kwargs: Callable[["Plan"], dict[str, object]]
+    # Whether a job runs this stage at all (the embed stage only with an `embed` section).
+    enabled: Callable[[JobConfig], bool] = lambda job: True
 
     @property
     def name(self) -> str:

@@ -2,7 +2,9 @@
 
 Decoding and preprocessing share one stage so decoded pixels never cross the object store; what
 leaves is the image processor's arrays plus the token ids of each task's prompt, which is all
-the model stage needs to pad, stack and generate.
+the model stage needs to pad, stack and generate. With `embed.image_text_model`, the same decoded
+image also gives the embedding model's pixels (`rows.CLIP_PIXELS`, for the embed stage): the image
+is decoded once, at a size that serves both processors.
 """
 
 from __future__ import annotations
@@ -12,10 +14,18 @@ import pyarrow as pa
 from pipeline import rows
 from pipeline.config import DecodeConfig, ModelConfig, TasksConfig
 from pipeline.images import ImageDecodeError, decode_image
-from pipeline.inputs import InputBuilder, load_processor, pack_arrays
+from pipeline.inputs import (
+    InputBuilder,
+    PixelBuilder,
+    largest_decode_size,
+    load_image_processor,
+    load_processor,
+    pack_arrays,
+)
 from pipeline.model_source import ModelSource, local_model_dir
 from pipeline.prompts import MetadataError, prompts_for, sample_questions
 from pipeline.stages.base import Columns, MapStage, RowStage
+from pipeline.stages.embed import EmbedSources
 
 
 class PrepareStage(RowStage):
@@ -31,15 +41,34 @@ class PrepareStage(RowStage):
     )
     consumes = (rows.IMAGE_BYTES,)
 
-    def __init__(self, model: ModelSource, model_config: ModelConfig, tasks: TasksConfig, decode: DecodeConfig):
+    def __init__(
+        self,
+        model: ModelSource,
+        model_config: ModelConfig,
+        tasks: TasksConfig,
+        decode: DecodeConfig,
+        embed: EmbedSources | None = None,
+    ):
         self.tasks = tasks
         self.decode = decode
         self.builder = InputBuilder(load_processor(local_model_dir(model, files="processor"), model_config))
-        self.decode_size = self.builder.decode_size if decode.reduced_scale else None
+        self.clip_pixels: PixelBuilder | None = None
+        if embed is not None and embed.image_text is not None:
+            directory = local_model_dir(embed.image_text, files="processor")
+            self.clip_pixels = PixelBuilder(load_image_processor(directory, embed.image_text.field))
+            self.output_fields = (*type(self).output_fields, pa.field(rows.CLIP_PIXELS, pa.binary()))
+        self.decode_size = self._decode_size if decode.reduced_scale else None
         vqa = tasks.vqa
         self.job_questions = list(vqa.questions) if vqa else []
         self.sample_field = vqa.sample_field if vqa else None
         self.max_sample_questions = vqa.max_questions_per_sample if vqa else 0
+
+    def _decode_size(self, width: int, height: int) -> tuple[int, int] | None:
+        """The smallest size the image may be decoded at for the model and, where it has one, the embedding model."""
+        sizes = [self.builder.decode_size(width, height)]
+        if self.clip_pixels is not None:
+            sizes.append(self.clip_pixels.decode_size(width, height))
+        return largest_decode_size(*sizes)
 
     def process(self, work: pa.Table) -> Columns:
         names = [f.name for f in self.output_fields] + ["error", "error_reason"]
@@ -62,6 +91,15 @@ class PrepareStage(RowStage):
             "image_width": decoded.width,
             "image_height": decoded.height,
         }
+        if self.clip_pixels is not None:
+            try:
+                result[rows.CLIP_PIXELS] = self.clip_pixels.build(decoded.image)
+            except Exception as exc:  # the embedding model's processor rejected the image: no embedding, no answers
+                return {
+                    **result,
+                    "error": f"preprocessing for embed.image_text_model failed: {type(exc).__name__}: {exc}",
+                    "error_reason": "preprocess_failed",
+                }
 
         questions = list(self.job_questions)
         try:
@@ -104,5 +142,6 @@ PREPARE = MapStage(
         "model_config": plan.job.model,
         "tasks": plan.job.tasks,
         "decode": plan.job.decode,
+        "embed": EmbedSources.of(plan.job),
     },
 )

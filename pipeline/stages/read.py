@@ -52,6 +52,9 @@ class ReadStage:
 
     name = "read"
 
+    def enabled(self, job) -> bool:
+        return True
+
     def add_to(self, dataset, plan: "Plan"):
         import ray.data
 

@@ -207,7 +207,7 @@ def driver_commit_rate(
     from pipeline import rows
     from pipeline.config import OutputConfig, RetryConfig, StorageConfig
     from pipeline.layout import OutputLayout
-    from pipeline.schema import load_schema
+    from pipeline.schema import schema_for
     from pipeline.shards import Shard
     from pipeline.summary import RunStats
     from pipeline.writer import ShardCommitter
@@ -224,7 +224,7 @@ def driver_commit_rate(
     committer = ShardCommitter(
         layout=layout,
         shards=shard_list,
-        schema=load_schema(),
+        schema=schema_for(),
         constants={"model": "none", "settings": "{}", "run_id": prefix},
         run_id=prefix,
         compression=OutputConfig(url="s3://bench/x/").compression,
