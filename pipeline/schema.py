@@ -211,7 +211,9 @@ def embeddings_metadata(table: pa.Table, models: Mapping[str, str]) -> dict[str,
         if column in VECTOR_COLUMNS:
             lengths = pc.unique(pc.list_value_length(table.column(column)).drop_null()).to_pylist()
             if len(lengths) > 1:
-                raise ValueError(f"column {column!r} holds vectors of lengths {sorted(lengths)}: rows of different models")
+                raise ValueError(
+                    f"column {column!r} holds vectors of lengths {sorted(lengths)}: rows of different models"
+                )
             entry["dimension"] = lengths[0] if lengths else None
         spaces[column] = entry
     return spaces

@@ -156,20 +156,15 @@ class EmbedStage(RowStage):
         clip_texts: list[np.ndarray | None] = [None] * count
         caption_vectors: list[np.ndarray | None] = [None] * count
         if self.image_text is not None:
-            embedder = self.image_text
-            with_pixels = [i for i, p in enumerate(pixels) if p is not None]
-            self._embed(with_pixels, lambda rows_: self._image_vectors([pixels[i] for i in rows_]), image_vectors,
-                        failures, "image")  # fmt: skip
+            with_pixels = {i: p for i, p in enumerate(pixels) if p is not None}
+            self._embed("image", self._image_vectors, with_pixels, image_vectors, failures)
             if CLIP_SCORE in self.columns:
                 # A caption is scored against its own image: only rows that have both.
-                scored = [i for i in range(count) if captions[i] is not None and image_vectors[i] is not None]
-                self._embed(scored, lambda rows_: embedder.embed_texts([captions[i] for i in rows_]), clip_texts,
-                            failures, "caption (image-text model)")  # fmt: skip
+                scored = {i: c for i, c in enumerate(captions) if c is not None and image_vectors[i] is not None}
+                self._embed("caption (image-text model)", self.image_text.embed_texts, scored, clip_texts, failures)
         if self.text is not None:
-            text = self.text
-            captioned = [i for i, c in enumerate(captions) if c is not None]
-            self._embed(captioned, lambda rows_: text.embed([captions[i] for i in rows_]), caption_vectors,
-                        failures, "caption (text model)")  # fmt: skip
+            captioned = {i: c for i, c in enumerate(captions) if c is not None}
+            self._embed("caption (text model)", self.text.embed, captioned, caption_vectors, failures)
 
         out: Columns = {}
         if IMAGE_EMBEDDING in self.columns:
@@ -197,37 +192,39 @@ class EmbedStage(RowStage):
             values = arrays.astype(np.float32)
         return self.image_text.embed_pixels(values)
 
+    @staticmethod
     def _embed(
-        self,
-        positions: list[int],
-        embed: Callable[[list[int]], np.ndarray],
+        what: str,
+        embed: Callable[[list], np.ndarray],
+        inputs: dict[int, object],
         into: list[np.ndarray | None],
         failures: list[list[str]],
-        what: str,
     ) -> None:
-        """`embed` over `positions` at once; a failure isolates its row (halving), which records what failed."""
-        for position, result in zip(positions, _isolating(embed, positions)):
+        """`embed` over every row's input at once (`inputs`: row -> input); a failure isolates its row by
+        halving, and that row records what failed."""
+        for position, result in zip(inputs, _isolating(embed, list(inputs.values()))):
             if isinstance(result, BaseException):
                 failures[position].append(f"{what}: {type(result).__name__}: {result}")
             else:
                 into[position] = result
 
 
-def _isolating(embed: Callable[[list[int]], np.ndarray], positions: list[int]) -> list[np.ndarray | BaseException]:
-    if not positions:
+def _isolating(embed: Callable[[list], np.ndarray], inputs: list) -> list[np.ndarray | BaseException]:
+    """One vector per input, or, for an input that fails even alone, its exception."""
+    if not inputs:
         return []
     try:
-        faults.inject("embed.batch", batch=len(positions))
-        vectors = embed(positions)
-        if len(vectors) != len(positions) or not np.isfinite(vectors).all():
-            raise ValueError(f"the model returned {len(vectors)} vectors for {len(positions)} rows, or non-finite ones")
+        faults.inject("embed.batch", batch=len(inputs))
+        vectors = embed(inputs)
+        if len(vectors) != len(inputs) or not np.isfinite(vectors).all():
+            raise ValueError(f"the model returned {len(vectors)} vectors for {len(inputs)} inputs, or non-finite ones")
         return list(vectors)
     except Exception as exc:  # out of memory included: halves need less
-        if len(positions) == 1:
+        if len(inputs) == 1:
             log.warning("embedding failed for one sample: %s: %s", type(exc).__name__, exc)
             return [exc]
-        half = len(positions) // 2
-        return _isolating(embed, positions[:half]) + _isolating(embed, positions[half:])
+        half = len(inputs) // 2
+        return _isolating(embed, inputs[:half]) + _isolating(embed, inputs[half:])
 
 
 def _vector(vector: np.ndarray | None) -> list[float] | None:

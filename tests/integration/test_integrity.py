@@ -29,7 +29,7 @@ from pipeline.cli import main
 from pipeline.config import JobConfig, LeaseConfig
 from pipeline.layout import OutputLayout
 from pipeline.lease import LeaseHeld, LeaseLost, OutputLease, read_lease
-from pipeline.schema import CURRENT_VERSION
+from pipeline.schema import BASE_VERSION
 from pipeline.storage import resolve_storage
 from pipeline.testing.shards import write_shards
 
@@ -68,7 +68,7 @@ def test_verify_passes_a_prefix_a_run_committed(capsys, s3, committed):
     result = run_cli(capsys, "verify", committed["url"])
     assert result.exit_code == 0, result.stdout + result.stderr
     assert result.stdout.startswith(f"verify {committed['url']}: ok")
-    assert f"files     3 (6 rows, schema llava-pipeline/enrichment v{CURRENT_VERSION})" in result.stdout
+    assert f"files     3 (6 rows, schema llava-pipeline/enrichment v{BASE_VERSION})" in result.stdout
     marker = json.loads(s3.filesystem().cat_file(f"{committed['bucket']}/out/_done/shard-00000.json"))
     data = s3.filesystem().cat_file(f"{committed['bucket']}/out/shard-00000.parquet")
     assert marker["bytes"] == len(data) and marker["rows"] == 2 and marker["etag"]

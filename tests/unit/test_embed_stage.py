@@ -361,7 +361,10 @@ def test_files_record_their_embedding_models_and_dimensions_and_verify_checks_th
     assert schema_problems(table, load_schema(3)) == []  # optional columns absent from the file are fine
 
     lying = table.replace_schema_metadata(
-        {**table.schema.metadata, b"llava_pipeline.embeddings": b'{"image_embedding": {"model": "clip", "dimension": 4}}'}
+        {
+            **table.schema.metadata,
+            b"llava_pipeline.embeddings": b'{"image_embedding": {"model": "clip", "dimension": 4}}',
+        }
     )
     assert schema_problems(lying, load_schema(3)) == [
         "column 'image_embedding' holds vectors of length [3], the metadata says 4"
@@ -371,3 +374,77 @@ def test_files_record_their_embedding_models_and_dimensions_and_verify_checks_th
 def test_vectors_of_two_lengths_never_reach_one_file() -> None:
     with pytest.raises(ValueError, match=r"vectors of lengths \[2, 3\]"):
         v3_table([[0.6, 0.8, 0.0], [1.0, 0.0]], {"image_embedding": "clip"})
+
+
+def test_the_cluster_check_counts_the_embed_stage_only_when_the_job_has_one() -> None:
+    from pipeline.errors import ConfigError
+    from pipeline.plan import check_cluster_fits
+
+    tight = {
+        "stages": {
+            "read": {"num_cpus": 1},
+            "prepare": {"concurrency": 1},
+            "model": {"num_gpus": 0},
+            "parse": {"num_cpus": 1},
+        }
+    }
+    check_cluster_fits(JobConfig(**job(embed=None, **tight)), {"CPU": 4.0}, local=True)  # read+prepare+model+parse
+    with pytest.raises(ConfigError, match="need 5 CPUs .*embed"):
+        check_cluster_fits(JobConfig(**job(**tight)), {"CPU": 4.0}, local=True)
+    on_gpu = JobConfig(**job(stages={"model": {"num_gpus": 0}, "embed": {"num_gpus": 0.25}}))
+    with pytest.raises(ConfigError, match=r"stages\.embed\.num_gpus is 0\.25 per embed actor but the cluster has 0"):
+        check_cluster_fits(on_gpu, {"CPU": 16.0}, local=True)
+
+
+def test_the_embedding_models_are_part_of_the_settings_only_when_configured() -> None:
+    from pipeline.plan import _settings_json
+
+    assert "embed" not in json.loads(_settings_json(JobConfig(**job(embed=None))))
+    assert json.loads(_settings_json(JobConfig(**job())))["embed"] == {
+        "image_text_model": {"source": "openai/clip-vit-base-patch32", "revision": None, "dtype": "auto"},
+        "text_model": {"source": "st/m", "revision": None, "dtype": "auto"},
+    }
+
+
+# --- the writer ---------------------------------------------------------------------------------------
+
+
+def test_the_committer_records_the_embedding_models_and_a_retry_upgrades_a_version_2_file(tmp_path: Path) -> None:
+    """A v2 file (a run before `embed` was added) patched by retry-failed with embeddings: a v3 file whose kept rows
+    have null embeddings, and whose metadata names the model and the dimension of the vectors it holds."""
+    import pyarrow.parquet as pq
+    from test_writer import CONSTANTS, batch, committer, make_shard, sample, shard_end
+
+    from pipeline.writer import ShardCommitter
+
+    shard = make_shard(tmp_path, "s")
+    first = committer(tmp_path, [shard])
+    first.add(batch(*[sample(shard, i, error="boom" if i == 1 else None) for i in range(3)], shard_end(shard, 3)))
+    assert pq.read_schema(tmp_path / "out" / "s.parquet").metadata[b"llava_pipeline.schema_version"] == b"2"
+
+    models = {"image_embedding": "clip", "clip_score": "clip"}
+    retry = ShardCommitter(
+        layout=first.layout,
+        shards=[shard],
+        schema=schema_for(models),
+        constants={**CONSTANTS, "run_id": "run-2"},
+        run_id="run-2",
+        compression="zstd",
+        patch=True,
+        embedding_models=models,
+    )
+    retried = batch(sample(shard, 0, key="s-001"), shard_end(shard, 1))
+    retried = retried.append_column("image_embedding", pa.array([[0.6, 0.8], None], pa.list_(pa.float32())))
+    retried = retried.append_column("clip_score", pa.array([0.25, None], pa.float32()))
+    retry.add(retried)
+
+    written = pq.read_table(tmp_path / "out" / "s.parquet")
+    assert written.schema.metadata[b"llava_pipeline.schema_version"] == b"3"
+    assert json.loads(written.schema.metadata[b"llava_pipeline.embeddings"]) == {
+        "image_embedding": {"model": "clip", "dimension": 2},
+        "clip_score": {"model": "clip"},
+    }
+    assert written.column("image_embedding").to_pylist() == [None, [0.6000000238418579, 0.800000011920929], None]
+    assert written.column("clip_score").to_pylist() == [None, 0.25, None]
+    assert retry.results[shard.url].embeddings["image_embedding"] == {"model": "clip", "dimension": 2}
+    assert schema_problems(written, load_schema(3)) == []

@@ -14,11 +14,11 @@ import pytest
 from pipeline import rows
 from pipeline.config import RetryConfig, StorageConfig
 from pipeline.layout import STAGING_DIR, OutputLayout
-from pipeline.schema import load_schema
+from pipeline.schema import load_schema, schema_for
 from pipeline.shards import Shard
 from pipeline.writer import ShardCommitter
 
-SCHEMA = load_schema()
+SCHEMA = schema_for()  # what a job without embeddings writes (version 2)
 CONSTANTS = {"model": "org/tiny-llava", "settings": '{"dtype": "float32"}', "run_id": "run-1"}
 NOW = datetime(2026, 11, 1, 3, 0, tzinfo=timezone.utc)
 
