@@ -70,13 +70,16 @@ def stage(sources: EmbedSources, embed_config: EmbedConfig) -> EmbedStage:
 
 
 @pytest.fixture(scope="module")
-def clip(clip_dir: Path) -> ImageTextEmbedder:
-    return ImageTextEmbedder(clip_dir)
+def clip(stage: EmbedStage) -> ImageTextEmbedder:
+    """The stage's own CLIP, called directly: through the processor, not the prepare stage's pixels."""
+    assert stage.image_text is not None
+    return stage.image_text
 
 
 @pytest.fixture(scope="module")
-def minilm(minilm_dir: Path) -> TextEmbedder:
-    return TextEmbedder(minilm_dir)
+def minilm(stage: EmbedStage) -> TextEmbedder:
+    assert stage.text is not None
+    return stage.text
 
 
 @pytest.fixture(scope="module")
