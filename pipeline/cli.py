@@ -315,6 +315,10 @@ def _validate(args: argparse.Namespace) -> int:
     print(f"  output  {job.output.url}")
     print(f"  model   {job.model.source}")
     print(f"  tasks   {', '.join(plan.tasks)}")
+    if job.embed is not None:
+        from pipeline.stages.embed import embedding_columns
+
+        print(f"  embed   {', '.join(f'{column} ({model})' for column, model in embedding_columns(job).items())}")
     return 0
 
 

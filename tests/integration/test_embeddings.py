@@ -65,6 +65,7 @@ def embed_run(s3, ray_address, tiny_model, clip_dir, tmp_path_factory):
         "images": {s["__key__"]: s.get("jpg") or s.get("png") for s in samples},
         "clip_url": clip_url,
         "minilm": minilm,
+        "job_path": job_path,
     }
 
 
@@ -125,6 +126,13 @@ def test_verify_checks_a_version_3_prefix(capsys, embed_run):
     result = run_cli(capsys, "verify", f"s3://{BUCKET}/out/")
     assert result.exit_code == 0, result.stdout + result.stderr
     assert "schema llava-pipeline/enrichment v3" in result.stdout
+
+
+def test_validate_names_the_embedding_columns_and_their_models(capsys, embed_run):
+    result = run_cli(capsys, "validate", str(embed_run["job_path"]))
+    assert result.exit_code == 0, result.stderr
+    clip, minilm = embed_run["clip_url"], embed_run["minilm"]
+    assert f"  embed   image_embedding ({clip}), clip_score ({clip}), caption_embedding ({minilm})" in result.stdout
 
 
 def test_a_missing_embedding_model_stops_the_job_before_any_work(capsys, s3, bucket, tiny_model, write_job, tmp_path):
