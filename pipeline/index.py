@@ -25,8 +25,9 @@ What an update does, and why every key ends up in the index exactly once whateve
    in. A kill anywhere leaves the shard unrecorded, with each of its keys once, some perhaps from the old version;
    the next update merges and deletes again and records it.
 4. Indexes: a full-text index on `caption` and on `tags`, and an IVF_PQ vector index (cosine) on each embedding
-   column once it holds `index.vector_index_min_rows` vectors; after each update `optimize` folds the new rows into
-   them (searches see unindexed rows too, by a flat scan, until then) and compacts the table's files.
+   column once it holds `index.vector_index_min_rows` vectors. Once 10,000 rows wait outside an index, or the
+   table is in 32 files, `optimize` folds the new rows into the indexes and compacts the files; until then
+   searches scan the unindexed rows directly (exact, and fast at that size).
 
 Rows with `error` set (failed samples) are left out: their results are missing or partial. `retry-failed` rewrites
 their shard's file, and the next update replaces the shard's rows, taking in the ones that now succeed.
@@ -42,7 +43,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Callable, Mapping
+from typing import Callable, Collection, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -64,6 +65,10 @@ SAMPLES_TABLE = "samples"
 SHARDS_TABLE = "shards"
 VECTOR_COLUMNS = ("image_embedding", "caption_embedding")
 TEXT_COLUMNS = ("caption", "tags")
+IVF_MAX_ITERATIONS = 20
+# `optimize` after an update once this many rows are outside an index, or the table is in this many files.
+OPTIMIZE_UNINDEXED_ROWS = 10_000
+OPTIMIZE_FRAGMENTS = 32
 DISTANCE = "cosine"  # embeddings leave the embedders L2-normalised: cosine is their similarity
 EMBEDDINGS_METADATA = b"llava_pipeline.embeddings"  # in each output file's Parquet key-value metadata
 MODEL_METADATA = b"llava_pipeline.model"  # on each vector field of the index: the model that made its vectors
@@ -186,9 +191,18 @@ class IndexLocation:
         except ConfigError:
             raise
         except Exception as exc:
-            raise ConfigError(
-                f"index.url: cannot open {self.url}: {describe_storage_error(exc, self.url, self.storage)}"
-            ) from None
+            raise ConfigError(f"index.url: cannot open {describe_lance_error(exc, self)}") from None
+
+
+def describe_lance_error(exc: BaseException, location: IndexLocation) -> str:
+    """One line for an error LanceDB raised at the index (its messages carry a Rust debug dump)."""
+    text = str(exc)
+    if "NoSuchBucket" in text:
+        return f"{location.url}: its bucket does not exist"
+    if "AccessDenied" in text or "InvalidAccessKeyId" in text or "SignatureDoesNotMatch" in text:
+        return f"{location.url}: access denied ({text[:200]})"
+    first = text.split(" { ", 1)[0] if " { " in text else text
+    return describe_storage_error(type(exc)(first[:300]) if first != text else exc, location.url, location.storage)
 
 
 def open_table(db, name: str):
@@ -258,12 +272,19 @@ def samples_schema(spaces: Mapping[str, EmbeddingSpace]) -> pa.Schema:
 
 
 def index_rows(
-    table: pa.Table, *, shard_name: str, source_sha256: str, spaces: Mapping[str, EmbeddingSpace]
+    table: pa.Table,
+    *,
+    shard_name: str,
+    source_sha256: str,
+    spaces: Mapping[str, EmbeddingSpace],
+    declared: Collection[str] | None = None,
 ) -> tuple[pa.Table, int]:
     """An output file's rows as index rows (the columns of `samples_schema(spaces)`), and how many were left out.
 
     Rows with `error` set are left out. Tags become one comma-separated text for full-text search. A vector column
-    the index has but the file lacks is null; a vector of the wrong length is a ValueError (a corrupt file)."""
+    the index has but the file lacks, or holds without declaring its model (`declared`: the columns its metadata
+    names; default all), is null; a vector of the wrong length is a ValueError (a corrupt file)."""
+    declared = set(spaces) if declared is None else set(declared)
     if "error" in table.column_names:
         ok = pc.is_null(table.column("error"))
         kept = table.filter(ok)
@@ -296,7 +317,10 @@ def index_rows(
     }
     for name, space in spaces.items():
         arrays[name] = fixed_size_vectors(
-            kept.column(name).combine_chunks() if name in kept.column_names else None, space.dimension, n, name
+            kept.column(name).combine_chunks() if name in kept.column_names and name in declared else None,
+            space.dimension,
+            n,
+            name,
         )
     schema = samples_schema(spaces)
     return pa.Table.from_arrays([arrays[f.name] for f in schema], schema=schema), left_out
@@ -469,9 +493,9 @@ def ingest(
         report.merge_seconds = time.perf_counter() - merging
     if samples is not None:
         maintaining = time.perf_counter()
-        report.indexes = _maintain(samples, vector_index_min_rows, changed=bool(report.added or report.replaced))
+        report.indexes = _maintain(samples, vector_index_min_rows)
         report.total_rows = samples.count_rows()
-        if report.added or report.replaced:
+        if shards is not None and needs_optimizing(shards, []):
             shards.optimize()
         report.index_seconds = time.perf_counter() - maintaining
     report.seconds = time.perf_counter() - started
@@ -538,7 +562,11 @@ def _take(output: OutputLayout, accepted: list[_Pending], samples, shards, repor
             continue
         try:
             rows, left_out = index_rows(
-                pq.read_table(io.BytesIO(data)), shard_name=item.name, source_sha256=item.version, spaces=spaces
+                pq.read_table(io.BytesIO(data)),
+                shard_name=item.name,
+                source_sha256=item.version,
+                spaces=spaces,
+                declared=item.spaces,
             )
         except (ValueError, pa.ArrowInvalid) as exc:
             report.refused[item.name] = str(exc)
@@ -577,7 +605,7 @@ def _take(output: OutputLayout, accepted: list[_Pending], samples, shards, repor
             echo(f"  {number}/{len(accepted)} shard(s) taken, {report.rows_indexed} rows")
 
 
-def _maintain(samples, vector_index_min_rows: int, *, changed: bool) -> list[str]:
+def _maintain(samples, vector_index_min_rows: int) -> list[str]:
     """Create the indexes the table is ready for, fold new rows into the existing ones; their names."""
     from lancedb.index import FTS, IvfPq
 
@@ -593,14 +621,28 @@ def _maintain(samples, vector_index_min_rows: int, *, changed: bool) -> list[str
         if column in samples.schema.names and (column,) not in existing:
             vectors = samples.count_rows(f"{column} IS NOT NULL")
             if vectors >= vector_index_min_rows:
-                samples.create_index(column, config=IvfPq(distance_type=DISTANCE), replace=True)
+                # 20 k-means iterations instead of LanceDB's 50: training is the one costly step of an update
+                # (docs/benchmarks.md), and searches re-rank their candidates by exact distance anyway.
+                samples.create_index(
+                    column, config=IvfPq(distance_type=DISTANCE, max_iterations=IVF_MAX_ITERATIONS), replace=True
+                )
                 created = True
-    stale = any((i.num_unindexed_rows or 0) > 0 for i in existing.values())
-    if changed or stale:
+    if needs_optimizing(samples, existing.values()):
         samples.optimize()  # new rows into the indexes, small files compacted, versions older than a week removed
-    if created or changed or stale:
+        created = True
+    if created:
         existing = {tuple(i.columns): i for i in samples.list_indices()}
     return sorted(f"{i.name} ({i.index_type})" for i in existing.values())
+
+
+def needs_optimizing(table, indexes=None) -> bool:
+    """Whether enough rows wait outside the indexes, or enough small files piled up, to be worth an `optimize`
+    (it rewrites files and index segments). Until then searches scan the unindexed rows directly, which is as
+    exact and, for a few thousand rows, as fast."""
+    indexes = table.list_indices() if indexes is None else indexes
+    unindexed = max((i.num_unindexed_rows or 0 for i in indexes), default=0)
+    fragments = table.stats()["fragment_stats"]["num_fragments"]
+    return unindexed >= OPTIMIZE_UNINDEXED_ROWS or fragments >= OPTIMIZE_FRAGMENTS
 
 
 def index_command_error(report: IndexReport) -> PipelineError | None:
@@ -652,9 +694,7 @@ def index_command(args) -> int:
     except PipelineError:
         raise
     except Exception as exc:  # LanceDB's storage errors (its client already retried transient ones)
-        raise PipelineError(
-            f"updating the index at {location.url} failed: {describe_storage_error(exc, location.url, location.storage)}"
-        ) from None
+        raise PipelineError(f"updating the index failed: {describe_lance_error(exc, location)}") from None
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.render())
     error = index_command_error(report)
     if error is not None:

@@ -27,10 +27,10 @@ from pipeline.index import (
     SAMPLES_TABLE,
     TEXT_COLUMNS,
     IndexLocation,
+    describe_lance_error,
     index_spaces,
     open_table,
 )
-from pipeline.storage import describe_storage_error
 
 Mode = Literal["image", "caption", "text", "hybrid"]
 MODES: tuple[str, ...] = ("image", "caption", "text", "hybrid")
@@ -81,9 +81,7 @@ def open_index(
     except ConfigError:
         raise
     except Exception as exc:
-        raise SearchError(
-            f"cannot open the index at {url}: {describe_storage_error(exc, url, location.storage)}"
-        ) from None
+        raise SearchError(f"cannot open the index: {describe_lance_error(exc, location)}") from None
     if samples is None:
         raise SearchError(f"no search index at {url} (build one with `llava-pipeline index JOB.yaml`)")
     return SearchIndex(location, samples, image_text_model, text_model, model_cache_dir)

@@ -86,6 +86,12 @@ def test_v2_file_gets_null_vectors_for_the_index_columns():
     assert rows.column("clip_score").to_pylist() == [None, None]
 
 
+def test_vectors_whose_model_the_file_does_not_declare_are_left_null():
+    table = literal_output()
+    rows, _ = index_rows(table, shard_name="s", source_sha256="x", spaces={"image_embedding": CLIP}, declared=[])
+    assert rows.column("image_embedding").to_pylist() == [None, None]
+
+
 def test_vector_of_the_wrong_length_is_refused():
     values = pa.array([[1.0, 2.0, 3.0, 4.0], [1.0, 2.0]], pa.list_(pa.float32()))
     with pytest.raises(ValueError, match="image_embedding: 1 vector\\(s\\) are not 4 long"):

@@ -104,8 +104,9 @@ def run_index_bench(options: IndexBenchOptions, echo=print) -> dict[str, object]
         figures["load_average"] = round(os.getloadavg()[0], 2)
         increments.append(figures)
         echo(
-            f"  increment {step + 1}: +{figures['rows_indexed']} rows in {figures['seconds']:.1f} s "
-            f"({figures['rows_per_second']:.0f} rows/s), table {figures['total_rows']} rows, peak RSS "
+            f"  increment {step + 1}: +{figures['rows_indexed']} rows in {figures['seconds']:.1f} s: merged in "
+            f"{figures.get('merge_seconds', 0):.1f} s ({figures['rows_per_second']:.0f} rows/s), indexes and compaction "
+            f"{figures.get('index_seconds', 0):.1f} s; table {figures['total_rows']} rows, peak RSS "
             f"{figures['peak_rss_mb']:.0f} MiB, indexes {', '.join(figures['indexes'])}"
         )
     queries = _query_figures(options, index_url, shards, echo)
@@ -115,6 +116,9 @@ def run_index_bench(options: IndexBenchOptions, echo=print) -> dict[str, object]
         "increments": increments,
         "build_rows_per_second": round(
             sum(i["rows_indexed"] for i in increments) / sum(i["seconds"] for i in increments), 1
+        ),
+        "merge_rows_per_second": round(
+            sum(i["rows_indexed"] for i in increments) / sum(i.get("merge_seconds", 0) for i in increments), 1
         ),
         "queries": queries,
     }
@@ -153,7 +157,11 @@ def _ingest_here(output_url: str, index_url: str, min_rows: int) -> None:
                 "rows_indexed": report.rows_indexed,
                 "total_rows": report.total_rows,
                 "seconds": round(report.seconds, 2),
-                "rows_per_second": round(report.rows_indexed / report.seconds, 1) if report.seconds else None,
+                "merge_seconds": round(report.merge_seconds, 2),
+                "index_seconds": round(report.index_seconds, 2),
+                "rows_per_second": round(report.rows_indexed / report.merge_seconds, 1)
+                if report.merge_seconds
+                else None,
                 "peak_rss_mb": round(peak, 1),
                 "indexes": report.indexes,
             }
