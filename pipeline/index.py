@@ -683,9 +683,9 @@ def index_command(args) -> int:
     if args.index_url:
         updates["url"] = args.index_url
     if args.endpoint_url:
-        storage = endpoint_override(job.index.storage or job.storage_for("output"), args.endpoint_url)
-        updates["storage"] = storage
-        job = job.model_copy(update={"output": job.output.model_copy(update={"storage": storage})})
+        output_storage = endpoint_override(job.storage_for("output"), args.endpoint_url)
+        updates["storage"] = endpoint_override(job.index.storage or job.storage_for("output"), args.endpoint_url)
+        job = job.model_copy(update={"output": job.output.model_copy(update={"storage": output_storage})})
     if updates:
         job = job.model_copy(update={"index": job.index.model_copy(update=updates)})
     location = IndexLocation.for_job(job)

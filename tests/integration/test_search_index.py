@@ -152,7 +152,7 @@ def test_index_command_adds_committed_shards_then_skips_them(indexed, capsys):
     assert open_index(indexed.index).table.version == version  # nothing written
 
 
-def test_searches_by_text_caption_and_image(indexed, models, capsys, tmp_path):
+def test_searches_by_text_caption_and_image(indexed, models, s3, capsys, tmp_path):
     run_cli(capsys, "index", str(indexed.job))
     index = open_index(indexed.index)
     assert index.default_mode() == "image"
@@ -165,7 +165,9 @@ def test_searches_by_text_caption_and_image(indexed, models, capsys, tmp_path):
 
     query = tmp_path / "query.jpg"
     query.write_bytes(images_of(["purple"], 30)[0])  # shard-001's purple image, byte for byte
-    similar = run_cli(capsys, "search", indexed.index, "--image", str(query), "-k", "3", "--json")
+    similar = run_cli(
+        capsys, "search", indexed.index, "--image", str(query), "-k", "3", "--json", "--endpoint-url", s3.endpoint_url
+    )
     assert similar.exit_code == 0, similar.stderr
     hits = json.loads(similar.stdout)
     assert hits[0]["key"] == "shard-001-01-purple" and hits[0]["score"] == pytest.approx(1.0, abs=1e-4)
