@@ -119,8 +119,10 @@ class SearchIndex:
         image: str | Path | bytes | None = None,
         mode: Mode | None = None,
         k: int = 10,
+        where: str | None = None,
     ) -> list[Hit]:
-        """The `k` best hits for a text or an image query (one of them).
+        """The `k` best hits for a text or an image query (one of them), among the rows `where` (an SQL filter on
+        the index's columns, e.g. `"key != 'sample-0001'"`) selects, when given.
 
         mode `image`: images, by the text through CLIP's text tower, or by the query image; `caption`: captions, by
         the text through the caption model; `text`: full text over captions and tags; `hybrid`: full text and the
@@ -137,31 +139,32 @@ class SearchIndex:
         if image is not None:
             if mode != "image":
                 raise SearchError(f"a query image searches images (mode image), not mode {mode}")
-            return self._vector_search("image_embedding", self._image_vector(image), k)
+            return self._vector_search("image_embedding", self._image_vector(image), k, where)
         if mode == "image":
-            return self._vector_search("image_embedding", self._text_vector("image_embedding", text), k)
+            return self._vector_search("image_embedding", self._text_vector("image_embedding", text), k, where)
         if mode == "caption":
-            return self._vector_search("caption_embedding", self._text_vector("caption_embedding", text), k)
+            return self._vector_search("caption_embedding", self._text_vector("caption_embedding", text), k, where)
         if mode == "text":
-            return self._hits(
-                self.table.search(text, query_type="fts", fts_columns=list(TEXT_COLUMNS)).limit(k).to_arrow(),
-                "_score",
-            )
-        return self._hybrid(text, k)
+            query = self.table.search(text, query_type="fts", fts_columns=list(TEXT_COLUMNS))
+            return self._hits(self._filtered(query, where).limit(k).to_arrow(), "_score")
+        return self._hybrid(text, k, where)
 
     # --- queries ----------------------------------------------------------------------------------------------
 
-    def _vector_search(self, column: str, vector, k: int) -> list[Hit]:
+    @staticmethod
+    def _filtered(query, where: str | None):
+        return query if where is None else query.where(where, prefilter=True)
+
+    def _vector_search(self, column: str, vector, k: int, where: str | None) -> list[Hit]:
         query = (
             self.table.search(vector, vector_column_name=column)
             .distance_type(DISTANCE)
             .nprobes(NPROBES)
             .refine_factor(REFINE_FACTOR)
-            .limit(k)
         )
-        return self._hits(query.to_arrow(), "_distance")
+        return self._hits(self._filtered(query, where).limit(k).to_arrow(), "_distance")
 
-    def _hybrid(self, text: str, k: int) -> list[Hit]:
+    def _hybrid(self, text: str, k: int, where: str | None) -> list[Hit]:
         from lancedb.rerankers import RRFReranker
 
         column = "image_embedding" if "image_embedding" in self.spaces else "caption_embedding"
@@ -174,9 +177,8 @@ class SearchIndex:
             .nprobes(NPROBES)
             .refine_factor(REFINE_FACTOR)
             .rerank(RRFReranker())
-            .limit(k)
         )
-        return self._hits(query.to_arrow(), "_relevance_score")
+        return self._hits(self._filtered(query, where).limit(k).to_arrow(), "_relevance_score")
 
     def _hits(self, table, score_column: str) -> list[Hit]:
         rows = table.select([c for c in _SHOWN if c in table.column_names] + [score_column]).to_pylist()

@@ -172,6 +172,9 @@ def test_searches_by_text_caption_and_image(indexed, models, s3, capsys, tmp_pat
     hits = json.loads(similar.stdout)
     assert hits[0]["key"] == "shard-001-01-purple" and hits[0]["score"] == pytest.approx(1.0, abs=1e-4)
 
+    others = index.search(image=query.read_bytes(), k=1, where="key != 'shard-001-01-purple'")
+    assert others[0].key != "shard-001-01-purple" and others[0].score < 0.9999  # the query itself filtered out
+
     through_clip = index.search("a red star", mode="image", k=4)  # a random tiny CLIP: any 4 images, scored
     assert len(through_clip) == 4 and all(-1.0001 <= hit.score <= 1.0001 for hit in through_clip)
     hybrid = run_cli(capsys, "search", indexed.index, "green circle", "--mode", "hybrid", "-k", "3")

@@ -92,6 +92,16 @@ def test_vectors_whose_model_the_file_does_not_declare_are_left_null():
     assert rows.column("image_embedding").to_pylist() == [None, None]
 
 
+def test_v1_file_is_indexed_for_text():
+    from pipeline.schema import load_schema
+
+    v1 = literal_output(vectors=None, spaces=None).select(load_schema(1).names)
+    rows, left_out = index_rows(v1, shard_name="s", source_sha256="x", spaces={"caption_embedding": MINILM})
+    assert (rows.num_rows, left_out) == (2, 1)
+    assert rows.column("caption").to_pylist() == ["a red star", "a blue circle"]
+    assert rows.column("caption_embedding").null_count == 2
+
+
 def test_vector_of_the_wrong_length_is_refused():
     values = pa.array([[1.0, 2.0, 3.0, 4.0], [1.0, 2.0]], pa.list_(pa.float32()))
     with pytest.raises(ValueError, match="image_embedding: 1 vector\\(s\\) are not 4 long"):
