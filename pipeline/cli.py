@@ -182,6 +182,42 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     verify.add_argument("--endpoint-url", metavar="URL", help="S3-compatible endpoint, e.g. http://minio:9000")
     verify.add_argument("--json", action="store_true", help="print the findings as JSON instead of a report")
 
+    index = commands.add_parser(
+        "index",
+        help="bring the job's search index up to date with its committed shards",
+        description="Ingest the committed shards of a job's output prefix into its search index (LanceDB, at "
+        "index.url, default OUTPUT/_index): shards already in it at the same checksum are skipped, shards whose "
+        "file changed since (retry-failed, --overwrite) have their rows replaced. Failed samples are left out; "
+        "shards without embeddings are indexed for full-text search only. Builds the full-text index on captions "
+        "and tags, and vector indexes once index.vector_index_min_rows vectors are in.",
+        epilog="exit codes: 0 the index holds every committed shard (a shard a run is rewriting right now waits for "
+        "the next update), 1 some shards were refused (their embedding model or dimension differs from the "
+        "index's), 2 the job or a store cannot be used.",
+    )
+    index.add_argument("job", metavar="JOB.yaml", help="the job whose outputs to index")
+    index.add_argument("--output", metavar="URL", help="replace output.url")
+    index.add_argument("--index-url", metavar="URL", help="replace index.url (default OUTPUT/_index)")
+    index.add_argument("--endpoint-url", metavar="URL", help="S3-compatible endpoint for the outputs and the index")
+    index.add_argument("--json", action="store_true", help="print the update's figures as JSON")
+
+    search = commands.add_parser(
+        "search",
+        help="search an index by text or by image",
+        description="Search an index built by `llava-pipeline index`. Modes: image (text -> images through CLIP's "
+        "text tower; the default where the index has image embeddings), caption (text -> captions through the "
+        "caption model), text (full text over captions and tags), hybrid (full text and image vectors, fused by "
+        "reciprocal rank). --image FILE finds similar images. The query models are the ones recorded in the index.",
+        epilog="exit codes: 0 answered, 2 no index there, a query image that cannot be decoded, or a mode the index "
+        "cannot serve.",
+    )
+    search.add_argument("index", metavar="INDEX_URL", help="the index, e.g. s3://bucket/captions/_index")
+    search.add_argument("query", nargs="?", help='the text query, e.g. "a red star on a blue background"')
+    search.add_argument("--image", metavar="FILE", help="find images similar to this image file")
+    search.add_argument("--mode", choices=("image", "caption", "text", "hybrid"), help="what to search (see above)")
+    search.add_argument("-k", type=int, default=10, help="hits to return (default 10)")
+    search.add_argument("--json", action="store_true", help="print the hits as JSON")
+    search.add_argument("--endpoint-url", metavar="URL", help="S3-compatible endpoint, e.g. http://minio:9000")
+
     _add_tool(commands, "demo", command)
 
     schema = commands.add_parser("schema", help="print the output schema, column by column")
@@ -223,6 +259,14 @@ def main(argv: list[str] | None = None) -> int:
             return _verify(args)
         if args.command == "schema":
             return _schema(args)
+        if args.command == "index":
+            from pipeline.index import index_command
+
+            return index_command(args)
+        if args.command == "search":
+            from pipeline.search import search_command
+
+            return search_command(args)
         if args.command in TOOLS:
             return importlib.import_module(TOOLS[args.command][0]).run_command(args)
     except ConfigError as exc:

@@ -600,6 +600,39 @@ class RayConfig(StrictModel):
     )
 
 
+class IndexConfig(StrictModel):
+    """The search index over the committed outputs (`llava-pipeline index`, `llava-pipeline search`): a LanceDB
+    database with one row per successful sample (caption, tags, embeddings), vector indexes on the embeddings and a
+    full-text index on captions and tags. It takes committed shards only, each once; a shard whose file changed
+    since (`retry-failed`, `--overwrite`) has its rows replaced."""
+
+    url: str | None = Field(
+        None,
+        description="Where the index lives: a local path or an `s3://` prefix. Unset: `<output.url>/_index`, next "
+        "to the outputs (readers of the outputs skip `_` paths).",
+    )
+    update_after_run: bool = Field(
+        False,
+        description="Update the index at the end of every `run` and `retry-failed` that committed a shard, as "
+        "`llava-pipeline index` would. A failed update is reported and leaves the run's exit code as it was: the "
+        "next update takes the shards it missed.",
+    )
+    vector_index_min_rows: int = Field(
+        50_000,
+        ge=256,
+        description="Rows with an embedding before a vector column gets an approximate (IVF_PQ) index; below it a "
+        "search compares the query with every vector, exactly, which is fast enough at that size.",
+    )
+    storage: StorageConfig | None = Field(
+        None, description="Overrides the output's storage settings (`output.storage`, else `storage`) for the index."
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _url_writable(cls, value: str | None) -> str | None:
+        return None if value is None else check_url(value, writable=True)
+
+
 class JobConfig(StrictModel):
     """A whole job: what to read, which model, which tasks, where to write."""
 
@@ -625,6 +658,9 @@ class JobConfig(StrictModel):
     storage: StorageConfig = Field(
         default_factory=StorageConfig,
         description="Object-store settings used for every URL unless a section overrides them.",
+    )
+    index: IndexConfig = Field(
+        default_factory=IndexConfig, description="The search index over the outputs (`llava-pipeline index`)."
     )
 
     @model_validator(mode="after")

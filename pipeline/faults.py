@@ -38,6 +38,8 @@ POINTS = {
     "driver.rows": "the driver receiving a batch of finished rows",
     "driver.commit": "the driver between writing a shard's staged file and moving it into place",
     "driver.committed": "the driver right after a shard's completion marker is written",
+    "index.merged": "`llava-pipeline index` right after a shard's rows are merged into the index, before it is "
+    "recorded as indexed",
 }
 ACTIONS = ("kill", "hang", "delay", "oom", "raise")
 

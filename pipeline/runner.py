@@ -232,8 +232,14 @@ def run_plan(
     saw the prefix as no other run was changing it), else one taken here."""
     if lease is None and plan.shards:
         with output_lease(plan.job, run_id=plan.run_id, command=command) as lease:
-            return _run_leased(plan, echo, command, lease, stages)
-    return _run_leased(plan, echo, command, lease, stages)
+            result = _run_leased(plan, echo, command, lease, stages)
+    else:
+        result = _run_leased(plan, echo, command, lease, stages)
+    if plan.job.index.update_after_run and result.exit_code != 130:  # the index takes what the run committed
+        from pipeline.index import update_after_run
+
+        update_after_run(plan.job, echo)
+    return result
 
 
 def _run_leased(plan: Plan, echo, command: str, lease: OutputLease | None, stages: Sequence) -> RunResult:

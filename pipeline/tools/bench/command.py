@@ -78,9 +78,18 @@ def add_arguments(bench: argparse.ArgumentParser) -> None:
     bench.add_argument("--repeats", type=int, default=3, help="--against-plain: runs of each (default 3; medians)")
     bench.add_argument("--json", type=Path, dest="json_path", help="write the figures to this JSON file")
     bench.add_argument("--workdir", type=Path, help="where shards and models are generated (default .cache/bench)")
+    bench.add_argument(
+        "--index",
+        action="store_true",
+        help="the search index benchmark instead: synthetic vectors (--images rows, default 200000) ingested "
+        "incrementally into a LanceDB index; build rows/s and peak RSS per increment, query latency p50/p95 and "
+        "recall@10 against exact search",
+    )
 
 
 def run_command(args: argparse.Namespace) -> int:
+    if args.index:
+        return _run_index(args)
     if args.model == "none":
         return _run_capacity(args)
     if args.against_plain:
@@ -168,4 +177,18 @@ def _run_against_plain(args: argparse.Namespace) -> int:
     if args.json_path:
         args.json_path.parent.mkdir(parents=True, exist_ok=True)
         args.json_path.write_text(json.dumps({"machine": machine, **figures}, indent=2) + "\n")
+    return 0
+
+
+def _run_index(args: argparse.Namespace) -> int:
+    from pipeline.tools.bench.index_bench import IndexBenchOptions, run_index_bench
+
+    defaults = IndexBenchOptions()
+    options = IndexBenchOptions(
+        rows=args.images or defaults.rows,
+        shard_rows=args.shard_size or defaults.shard_rows,
+        json_path=args.json_path,
+        workdir=(args.workdir / "index") if args.workdir else defaults.workdir,
+    )
+    run_index_bench(options)
     return 0
