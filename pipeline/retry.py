@@ -1,6 +1,7 @@
 """Retries at the object-store boundary: transient errors only, exponential backoff with full jitter.
 
-s3fs and botocore already retry single requests; this wraps whole operations (open a shard and
+s3fs and botocore already retry single requests (botocore in its standard mode, 3 attempts: see
+`pipeline.storage`); this wraps whole operations (open a shard and
 stream it, write a staged file, copy it into place, write a marker) so a connection dropped
 mid-body or a burst of 503s costs a retry of that operation instead of a shard or a run.
 Errors that another try cannot fix (denied, missing, bad credentials, a bad request) are raised

@@ -79,7 +79,9 @@ def truth_run(request, s3, ray_address, truth_bucket, tmp_path_factory):
         stages={
             "read": {"num_cpus": 0.25, "rows_per_block": 5},
             "prepare": {"concurrency": 1, "num_cpus": 0.5, "batch_size": 4},
-            "model": {"concurrency": 2, "num_gpus": 0, "num_cpus": 1, "batch_size": batch_size},
+            # Half a CPU each: the previous batch size's actors, which hold theirs until their last metrics export
+            # (pipeline.metrics.StageMetrics.settle), and this run's fit the session Ray's 4 CPUs side by side.
+            "model": {"concurrency": 2, "num_gpus": 0, "num_cpus": 0.5, "batch_size": batch_size},
         },
     )
     job_path = tmp_path_factory.mktemp("truth-jobs") / f"batch{batch_size}.yaml"

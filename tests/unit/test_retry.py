@@ -106,3 +106,24 @@ def test_backoff_is_jittered_below_an_exponential_cap() -> None:
         waits = [backoff(retries, retry) for _ in range(200)]
         assert all(0 <= w <= cap for w in waits)
         assert max(waits) > cap / 2  # spread over the range, not a constant
+
+
+def test_s3_filesystems_get_botocores_standard_retries_unless_the_environment_says_otherwise(monkeypatch) -> None:
+    """One explicit policy per layer: botocore retries single requests in AWS's standard mode (3 attempts), not
+    its legacy mode's 5 attempts and 8 s waits, so a dead endpoint reaches the job's own policy in seconds."""
+    import s3fs
+
+    from pipeline.config import StorageConfig
+    from pipeline.storage import filesystem, fsspec_options
+
+    for name in ("AWS_RETRY_MODE", "AWS_MAX_ATTEMPTS"):
+        monkeypatch.delenv(name, raising=False)
+    storage = StorageConfig(endpoint_url="http://127.0.0.1:9")
+    options = fsspec_options(storage, "s3://bucket/out/")
+    assert options["config_kwargs"] == {"retries": {"mode": "standard", "max_attempts": 3}}
+    fs, _ = filesystem("s3://bucket/out/", storage)
+    assert isinstance(fs, s3fs.S3FileSystem) and fs.config_kwargs["retries"]["mode"] == "standard"
+    assert "config_kwargs" not in fsspec_options(storage, "/local/out/")
+
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "7")  # botocore reads it when the config does not say
+    assert "config_kwargs" not in fsspec_options(storage, "s3://bucket/out/")
