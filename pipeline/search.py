@@ -203,7 +203,9 @@ class SearchIndex:
             )
         return space
 
-    def _model(self, column: str):
+    def query_model(self, column: str):
+        """The model that embeds queries for `column` (an `ImageTextEmbedder` for `image_embedding`, a
+        `TextEmbedder` for `caption_embedding`), loaded on first use and checked against the index's dimension."""
         if column in self._models:
             return self._models[column]
         space = self._space(column)
@@ -225,7 +227,7 @@ class SearchIndex:
         return model
 
     def _text_vector(self, column: str, text: str):
-        model = self._model(column)
+        model = self.query_model(column)
         vectors = model.embed_texts([text]) if column == "image_embedding" else model.embed([text])
         return vectors[0]
 
@@ -243,7 +245,7 @@ class SearchIndex:
             decoded = decode_image(data, max_pixels=_QUERY_MAX_PIXELS)
         except ImageDecodeError as exc:
             raise SearchError(f"cannot decode the query image {name}: {exc}") from None
-        model = self._model("image_embedding")
+        model = self.query_model("image_embedding")
         return model.embed_images([decoded.image])[0]
 
 

@@ -12,7 +12,7 @@ import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterable, Union
+from typing import BinaryIO, Callable, Iterable, Sequence, Union
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -151,19 +151,21 @@ def synthetic_samples(
     questions: QuestionSource | None = None,
     noise: float = 4.0,
     quality: tuple[int, int] = (70, 95),
+    scenes: Sequence[Scene] | None = None,
 ) -> list[dict[str, object]]:
     """WebDataset sample dicts (`__key__`, image member, `json`) with ground truth in the JSON.
 
     `questions` go into each sample's JSON under "questions": the same list for every sample, or a
     function of the sample's scene (e.g. `shape_presence_questions`). JPEG and WebP quality is drawn
-    from the `quality` range per sample.
+    from the `quality` range per sample. `scenes`: what to draw, one sample each (`count` is then ignored);
+    by default `count` random scenes.
     """
     rng = random.Random(seed)
     extensions = list(extensions)
     sizes = list(sizes)
     samples = []
-    for i in range(count):
-        scene = random_scene(rng)
+    for i in range(count if scenes is None else len(scenes)):
+        scene = random_scene(rng) if scenes is None else scenes[i]
         width, height = sizes[i % len(sizes)]
         extension = extensions[i % len(extensions)]
         truth: dict[str, object] = {

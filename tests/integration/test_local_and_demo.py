@@ -58,3 +58,13 @@ def test_demo_command_runs_s3_to_s3_and_prints_rows(capsys, ray_address, tmp_pat
     assert "caption: " in out and "Q: What colour is the background?" in out
     # The bundled model is trained on these shapes: the demo counts rows that match their own ground truth.
     assert re.search(r"\n(\d+) of 10 generated images got a caption, tags and answers that all match", out)
+    # The run updated the search index next to its outputs; the demo searched it by text, paraphrase and image,
+    # and the bundled CLIP (trained on these shapes) ranks an image with the queried caption first.
+    assert "search index s3://demo/captions/_index: 12 rows" in out
+    searches = out.split("\nllava-pipeline search s3://demo/captions/_index ")[1:]
+    assert len(searches) == 3, out[-3000:]
+    assert searches[0].startswith('"') and searches[1].startswith('"') and searches[2].startswith("--image img0")
+    assert "--mode caption" in searches[1].splitlines()[0]
+    for search in searches:
+        first_hit = search.splitlines()[1]
+        assert first_hit.strip().startswith("1. ") and first_hit.endswith("ok"), search
