@@ -12,7 +12,9 @@ from pathlib import Path
 
 from pipeline.testing.tiny_llava import _image_processor_class
 
-CLIP_SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
+# </s> must not get id 2: CLIPTextModel treats eos_token_id == 2 as an old checkpoint's and pools at the
+# highest token id instead of the end-of-text token, i.e. at some word, seeing only the words before it.
+CLIP_SPECIAL_TOKENS = ["<unk>", "<s>", "<pad>", "</s>"]
 
 _CORPUS = [
     "a red circle on a blue background",
@@ -54,6 +56,70 @@ def build_clip_tokenizer(vocab_size: int = 512, corpus: list[str] | None = None,
     )
 
 
+def tiny_clip_model(
+    tokenizer,
+    *,
+    seed: int = 0,
+    image_size: int = 32,
+    patch_size: int = 8,
+    vision_hidden: int = 32,
+    vision_layers: int = 2,
+    text_hidden: int = 32,
+    text_layers: int = 2,
+    projection_dim: int = 32,
+    attention_heads: int = 2,
+    vision_intermediate: int | None = None,
+):
+    """A CLIPModel with random weights (seeded), its text tower sized for `tokenizer` (`vision_intermediate`:
+    the image tower's MLP width, twice its hidden size unless given)."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel
+
+    config = CLIPConfig(
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": text_hidden,
+            "intermediate_size": text_hidden * 2,
+            "num_hidden_layers": text_layers,
+            "num_attention_heads": attention_heads,
+            "max_position_embeddings": tokenizer.model_max_length,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        },
+        vision_config={
+            "hidden_size": vision_hidden,
+            "intermediate_size": vision_intermediate or vision_hidden * 2,
+            "num_hidden_layers": vision_layers,
+            "num_attention_heads": attention_heads,
+            "image_size": image_size,
+            "patch_size": patch_size,
+        },
+        projection_dim=projection_dim,
+    )
+    torch.manual_seed(seed)
+    return CLIPModel(config)
+
+
+def clip_processor(tokenizer, image_size: int = 32, *, squash: bool = False):
+    """A CLIPProcessor whose image processor resizes the short side to `image_size` and crops the centre,
+    as CLIP's does; with `squash`, it resizes the whole image to a square instead, so a shape near the
+    edge of a wide or tall image is still seen."""
+    from transformers import CLIPProcessor
+
+    resize = (
+        {"size": {"height": image_size, "width": image_size}, "do_center_crop": False}
+        if squash
+        else {"size": {"shortest_edge": image_size}}
+    )
+    return CLIPProcessor(
+        image_processor=_image_processor_class("CLIPImageProcessor")(
+            **resize, crop_size={"height": image_size, "width": image_size}
+        ),
+        tokenizer=tokenizer,
+    )
+
+
 def build_tiny_clip(
     path: str | Path,
     *,
@@ -67,45 +133,24 @@ def build_tiny_clip(
     projection_dim: int = 32,
     tokenizer=None,
     model=None,
+    squash: bool = False,
 ) -> Path:
-    """Save a tiny CLIPModel and its CLIPProcessor under `path` (`model`: trained weights to save instead
-    of fresh random ones built from the other arguments)."""
-    import torch
-    from transformers import CLIPConfig, CLIPModel, CLIPProcessor
-
+    """Save a tiny CLIPModel and its CLIPProcessor (see `clip_processor` for `squash`) under `path`
+    (`model`: trained weights to save instead of fresh random ones built from the other arguments)."""
     tokenizer = tokenizer or build_clip_tokenizer()
     if model is None:
-        config = CLIPConfig(
-            text_config={
-                "vocab_size": len(tokenizer),
-                "hidden_size": text_hidden,
-                "intermediate_size": text_hidden * 2,
-                "num_hidden_layers": text_layers,
-                "num_attention_heads": 2,
-                "max_position_embeddings": tokenizer.model_max_length,
-                "bos_token_id": tokenizer.bos_token_id,
-                "eos_token_id": tokenizer.eos_token_id,
-                "pad_token_id": tokenizer.pad_token_id,
-            },
-            vision_config={
-                "hidden_size": vision_hidden,
-                "intermediate_size": vision_hidden * 2,
-                "num_hidden_layers": vision_layers,
-                "num_attention_heads": 2,
-                "image_size": image_size,
-                "patch_size": patch_size,
-            },
+        model = tiny_clip_model(
+            tokenizer,
+            seed=seed,
+            image_size=image_size,
+            patch_size=patch_size,
+            vision_hidden=vision_hidden,
+            vision_layers=vision_layers,
+            text_hidden=text_hidden,
+            text_layers=text_layers,
             projection_dim=projection_dim,
         )
-        torch.manual_seed(seed)
-        model = CLIPModel(config)
-    processor = CLIPProcessor(
-        image_processor=_image_processor_class("CLIPImageProcessor")(
-            size={"shortest_edge": image_size},
-            crop_size={"height": image_size, "width": image_size},
-        ),
-        tokenizer=tokenizer,
-    )
+    processor = clip_processor(tokenizer, image_size, squash=squash)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
