@@ -101,10 +101,10 @@ def clip_score_auc(image_embeddings, caption_embeddings, scenes: Sequence[Scene]
     negatives = scores[different]
     if len(negatives) == 0:
         raise ValueError("clip_score_auc needs images of at least two scenes")
-    return _auc(positives, negatives)
+    return auc(positives, negatives)
 
 
-def _auc(positives: np.ndarray, negatives: np.ndarray) -> float:
+def auc(positives: np.ndarray, negatives: np.ndarray) -> float:
     """Mann-Whitney U over ranks: P(positive > negative) + P(tie) / 2."""
     values = np.concatenate([positives, negatives]).astype(np.float64)
     order = np.argsort(values, kind="stable")
