@@ -114,7 +114,7 @@ def run_demo(
         if result.exit_code == 0:
             questions = list(job.tasks.vqa.questions) if job.tasks.vqa else []
             _show_rows(fs, job.output.url, questions)
-            _show_searches(job, shard_paths[0])
+            _show_searches(job, shard_paths)
     return result.exit_code
 
 
@@ -182,11 +182,10 @@ def _print_hits(hits, matches) -> None:
         print(f"  {rank:>2}. {hit.key:<24} score {hit.score:6.3f}  truth: {_truth(hit.metadata)!r}{mark}")
 
 
-def _show_searches(job, query_shard: Path, k: int = 5) -> None:
+def _show_searches(job, shard_paths: list[Path], k: int = 5) -> None:
     """A text search (CLIP's text tower), a paraphrase (the caption model) and an image search on the index the
     run just updated, each hit next to the ground truth its own sample carries."""
     import collections
-    import tarfile
 
     from pipeline.index import IndexLocation
     from pipeline.search import open_index
@@ -206,18 +205,26 @@ def _show_searches(job, query_shard: Path, k: int = 5) -> None:
         print(f'\nllava-pipeline search {location.url} "{paraphrase}" --mode caption -k {k}')
         _print_hits(index.search(text=paraphrase, mode="caption", k=k), lambda metadata: _truth(metadata) == caption)
 
-    # The query image: one from the first shard whose shape and colour some other image shares.
+    # The query image: a generated one whose shape and colour another image shares, where there is one.
     looks = collections.Counter(_looks(row["metadata"]) for row in judged)
-    with tarfile.open(query_shard) as tar:
-        images = {m.name.split(".", 1)[0]: m for m in tar.getmembers() if not m.name.endswith(".json")}
-        query = next((row for row in judged if row["key"] in images and looks[_looks(row["metadata"])] > 1), None)
-        if query is None:
-            return
-        data = tar.extractfile(images[query["key"]]).read()
+    query = max(judged, key=lambda row: looks[_looks(row["metadata"])] > 1)
+    name, data = _image_member(shard_paths, query["key"])
     wanted = _looks(query["metadata"])
     print(
-        f"\nllava-pipeline search {location.url} --image {images[query['key']].name} -k {k}   "
+        f"\nllava-pipeline search {location.url} --image {name} -k {k}   "
         f"(truth: {_truth(query['metadata'])!r}; ok = a {wanted[0]} {wanted[1]})"
     )
     hits = index.search(image=data, k=k, where=f"key != '{query['key']}'")
     _print_hits(hits, lambda metadata: _looks(metadata) == wanted)
+
+
+def _image_member(shard_paths: list[Path], key: str) -> tuple[str, bytes]:
+    """The image file of sample `key`, read from the local copy of its shard."""
+    import tarfile
+
+    for path in shard_paths:
+        with tarfile.open(path) as tar:
+            for member in tar.getmembers():
+                if member.name.startswith(key + ".") and not member.name.endswith(".json"):
+                    return member.name, tar.extractfile(member).read()
+    raise PipelineError(f"sample {key} is in the index but in none of the demo's shards")

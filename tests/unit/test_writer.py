@@ -354,8 +354,8 @@ def test_a_commit_that_fails_on_its_thread_fails_the_driver(tmp_path: Path) -> N
     (tmp_path / "out" / "_done").write_text("a file where the markers' folder goes")
     writer = committer(tmp_path, [shard])
     writer.admit(batch(sample(shard, 0), shard_end(shard, 1)))
-    writer.commit_ready()
     with pytest.raises(OSError):  # the marker cannot be written: the error reaches the driver's thread
+        writer.commit_ready()  # raises here when the commit thread has failed already, else in drain
         writer.drain()
     writer.close()
     assert writer.unfinished() == [writer.results[shard.url]], "nothing vouches for the shard: the next run redoes it"
