@@ -187,7 +187,30 @@ class OutputConfig(StrictModel):
         return check_url(value, writable=True)
 
 
-class ModelConfig(StrictModel):
+class CheckpointConfig(StrictModel):
+    """Where a checkpoint lives and where each node keeps its copy: the fields every model section shares."""
+
+    source: str = Field(
+        ...,
+        min_length=1,
+        description="A Hugging Face hub id, a local directory, or an `s3://` prefix holding a `save_pretrained` "
+        "checkpoint. Remote checkpoints are fetched once per node into `cache_dir`.",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for hub ids.")
+    cache_dir: str | None = Field(
+        None,
+        description="Node-local directory for fetched checkpoints. Unset: `$LLAVA_PIPELINE_CACHE`, else "
+        "`~/.cache/llava-pipeline`.",
+    )
+    storage: StorageConfig | None = Field(None, description="Overrides the top-level `storage` for `s3://` models.")
+
+    @field_validator("source")
+    @classmethod
+    def _source_supported(cls, value: str) -> str:
+        return check_url(value) if "://" in value else value
+
+
+class ModelConfig(CheckpointConfig):
     """The LLaVA-family checkpoint and how each model actor loads it."""
 
     source: str = Field(
@@ -196,7 +219,6 @@ class ModelConfig(StrictModel):
         description="A Hugging Face hub id (`llava-hf/llava-1.5-7b-hf`), a local directory, or an `s3://` prefix "
         "holding a `save_pretrained` checkpoint. Remote checkpoints are fetched once per node into `cache_dir`.",
     )
-    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for hub ids.")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Weights dtype. `auto`: bfloat16 on GPUs that support it, else float16; float32 on CPU."
     )
@@ -213,29 +235,11 @@ class ModelConfig(StrictModel):
         None,
         description="Jinja chat template replacing the processor's own, for checkpoints that ship none.",
     )
-    cache_dir: str | None = Field(
-        None,
-        description="Node-local directory for fetched checkpoints. Unset: `$LLAVA_PIPELINE_CACHE`, else "
-        "`~/.cache/llava-pipeline`.",
-    )
-    storage: StorageConfig | None = Field(None, description="Overrides the top-level `storage` for `s3://` models.")
-
-    @field_validator("source")
-    @classmethod
-    def _source_supported(cls, value: str) -> str:
-        return check_url(value) if "://" in value else value
 
 
-class EmbedModelConfig(StrictModel):
+class EmbedModelConfig(CheckpointConfig):
     """An embedding checkpoint and how each embed actor loads it (the fields `model` has, where they apply)."""
 
-    source: str = Field(
-        ...,
-        min_length=1,
-        description="A Hugging Face hub id, a local directory, or an `s3://` prefix holding a `save_pretrained` "
-        "checkpoint. Remote checkpoints are fetched once per node into `cache_dir`, as `model.source` is.",
-    )
-    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for hub ids.")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto",
         description="Weights dtype. `auto`: float16 on a GPU, float32 on CPU. Embeddings are written as float32 "
@@ -244,17 +248,6 @@ class EmbedModelConfig(StrictModel):
     device: Literal["auto", "cuda", "cpu"] = Field(
         "auto", description="`auto`: CUDA when the embed actor was given a GPU (`stages.embed.num_gpus`), else CPU."
     )
-    cache_dir: str | None = Field(
-        None,
-        description="Node-local directory for fetched checkpoints. Unset: `$LLAVA_PIPELINE_CACHE`, else "
-        "`~/.cache/llava-pipeline`.",
-    )
-    storage: StorageConfig | None = Field(None, description="Overrides the top-level `storage` for `s3://` models.")
-
-    @field_validator("source")
-    @classmethod
-    def _source_supported(cls, value: str) -> str:
-        return check_url(value) if "://" in value else value
 
 
 class EmbedConfig(StrictModel):
