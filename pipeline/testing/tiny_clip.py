@@ -123,33 +123,18 @@ def clip_processor(tokenizer, image_size: int = 32, *, squash: bool = False):
 def build_tiny_clip(
     path: str | Path,
     *,
-    seed: int = 0,
     image_size: int = 32,
-    patch_size: int = 8,
-    vision_hidden: int = 32,
-    vision_layers: int = 2,
-    text_hidden: int = 32,
-    text_layers: int = 2,
-    projection_dim: int = 32,
     tokenizer=None,
     model=None,
     squash: bool = False,
+    **architecture: int,
 ) -> Path:
     """Save a tiny CLIPModel and its CLIPProcessor (see `clip_processor` for `squash`) under `path`
-    (`model`: trained weights to save instead of fresh random ones built from the other arguments)."""
+    (`model`: trained weights to save instead of fresh random ones built by `tiny_clip_model` from `seed` and
+    the other `architecture` arguments)."""
     tokenizer = tokenizer or build_clip_tokenizer()
     if model is None:
-        model = tiny_clip_model(
-            tokenizer,
-            seed=seed,
-            image_size=image_size,
-            patch_size=patch_size,
-            vision_hidden=vision_hidden,
-            vision_layers=vision_layers,
-            text_hidden=text_hidden,
-            text_layers=text_layers,
-            projection_dim=projection_dim,
-        )
+        model = tiny_clip_model(tokenizer, image_size=image_size, **architecture)
     processor = clip_processor(tokenizer, image_size, squash=squash)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)

@@ -46,7 +46,9 @@ import torch
 from pipeline.images import decode_image
 from pipeline.testing.shards import COLORS, SHAPES, Scene, add_noise, draw_scene, encode, random_scene
 from pipeline.testing.tiny_clip import build_clip_tokenizer, build_tiny_clip, clip_processor, tiny_clip_model
+from pipeline.tools import train_shapes as shapes
 from pipeline.tools.machine import cpu_model
+from pipeline.tools.train_shapes import shape_coverage
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = REPO / "models" / "tiny-clip-shapes"
@@ -116,20 +118,6 @@ def draw_image(scene: Scene, rng: random.Random):
     return decode_image(data, max_pixels=1 << 24).image, clean
 
 
-def _coverage(clean, scene: Scene, grid: int, cells: int) -> np.ndarray:
-    """For each of the grid x grid patches the tower sees, the fraction of each of its cells x cells
-    sub-squares that the shape covers (the processor squashes the whole image; so does this)."""
-    from PIL import Image
-
-    shape = np.any(np.asarray(clean) != np.array(COLORS[scene.background], dtype=np.uint8), axis=-1)
-    side = grid * cells
-    fraction = np.asarray(
-        Image.fromarray(shape.astype(np.uint8) * 255).resize((side, side), Image.Resampling.BOX), np.float32
-    )
-    per_cell = (fraction / 255).reshape(grid, cells, grid, cells).transpose(0, 2, 1, 3)
-    return per_cell.reshape(grid * grid, cells * cells)
-
-
 _image_processor = None
 
 
@@ -147,17 +135,15 @@ def _draw_range(job: tuple[str, int, int, int, int]) -> tuple[list[Scene], np.nd
         image, clean = draw_image(scene, rng)
         scenes.append(scene)
         images.append(image)
-        masks.append(_coverage(clean, scene, grid, cells))
+        masks.append(shape_coverage(clean, scene, grid, cells))
     pixels = _image_processor(images=images, return_tensors="np")["pixel_values"].astype(np.float32)
     return scenes, pixels, np.stack(masks)
 
 
-class ScenePool:
+class ScenePool(shapes.ScenePool):
     """Training images, drawn, encoded, decoded and preprocessed up front (drawing costs more than a
-    step); each step samples from the pool, with a horizontal flip (every shape is mirror-symmetric)."""
-
-    CELLS = 4
-    CHUNK = 500  # images per task handed to a drawing process
+    step); each step samples from the pool, with a horizontal flip (every shape is mirror-symmetric),
+    as the shapes LLaVA's pool does."""
 
     def __init__(self, image_processor, rng: random.Random, count: int, seed: str, grid: int, workers: int = 1):
         """`count` images, image i drawn from its own generator seeded with f"{seed}-{i}", so the pool is
@@ -167,30 +153,7 @@ class ScenePool:
         jobs = [
             (seed, start, min(count, start + self.CHUNK), grid, self.CELLS) for start in range(0, count, self.CHUNK)
         ]
-        if workers > 1:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
-
-            # spawn, not fork: the parent already runs torch threads
-            context = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(workers, context, initializer=_init_drawer, initargs=(image_processor,)) as pool:
-                parts = list(pool.map(_draw_range, jobs))
-        else:
-            _init_drawer(image_processor)
-            parts = [_draw_range(job) for job in jobs]
-        self.scenes = [scene for part in parts for scene in part[0]]
-        self.pixels = torch.from_numpy(np.concatenate([part[1] for part in parts]))
-        self.masks = torch.from_numpy(np.concatenate([part[2] for part in parts]))
-
-    def sample(self, count: int) -> tuple[list[Scene], torch.Tensor, torch.Tensor]:
-        indices = [self.rng.randrange(len(self.scenes)) for _ in range(count)]
-        pixels, masks = self.pixels[indices], self.masks[indices]
-        flip = torch.tensor([self.rng.random() < 0.5 for _ in indices])
-        pixels = torch.where(flip[:, None, None, None], pixels.flip(-1), pixels)
-        grid, cells = self.grid, self.CELLS
-        flipped = masks.view(count, grid, grid, cells, cells).flip(2, 4).reshape(masks.shape)
-        masks = torch.where(flip[:, None, None], flipped, masks)
-        return [self.scenes[i] for i in indices], pixels, masks
+        self.fill(shapes.draw_parts(jobs, _draw_range, _init_drawer, image_processor, workers))
 
 
 def load_vision_tower(model, directory: Path) -> str:

@@ -194,10 +194,12 @@ def draw_training_image(builder: InputBuilder, rng: random.Random) -> tuple[Scen
     data = encode(image, rng.choice(ScenePool.FORMATS), quality=rng.randint(35, 95))
     arrays, _ = builder.image_arrays(decode_image(data, max_pixels=1 << 24).image)
     grid = builder.processor.image_processor.size["height"] // builder.processor.patch_size
-    return scene, arrays["pixel_values"], _coverage(clean, scene, grid, ScenePool.CELLS)
+    return scene, arrays["pixel_values"], shape_coverage(clean, scene, grid, ScenePool.CELLS)
 
 
-def _coverage(clean, scene: Scene, grid: int, cells: int) -> np.ndarray:
+def shape_coverage(clean, scene: Scene, grid: int, cells: int) -> np.ndarray:
+    """For each of the grid x grid patches the tower sees, the fraction of each of its cells x cells
+    sub-squares that the shape covers."""
     from PIL import Image
 
     shape = np.any(np.asarray(clean) != np.array(COLORS[scene.background], dtype=np.uint8), axis=-1)
@@ -208,6 +210,21 @@ def _coverage(clean, scene: Scene, grid: int, cells: int) -> np.ndarray:
     )
     per_cell = (fraction / 255).reshape(grid, cells, grid, cells).transpose(0, 2, 1, 3)
     return per_cell.reshape(grid * grid, cells * cells)
+
+
+def draw_parts(jobs: list, draw, initializer, initarg, workers: int) -> list:
+    """`draw` over `jobs`, in order: in `workers` spawned processes, each set up by `initializer(initarg)`, or here
+    when `workers` is 1. Every image has its own seed, so the result is the same either way."""
+    if workers <= 1:
+        initializer(initarg)
+        return [draw(job) for job in jobs]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # spawn, not fork: the parent already runs torch threads
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, context, initializer=initializer, initargs=(initarg,)) as pool:
+        return list(pool.map(draw, jobs))
 
 
 class ScenePool:
@@ -232,17 +249,10 @@ class ScenePool:
         self.grid = builder.processor.image_processor.size["height"] // builder.processor.patch_size
         _, self.replacement = builder.image_arrays(draw_scene(Scene("circle", "red", "blue"), random.Random(0)))
         jobs = [(seed, start, min(count, start + self.CHUNK)) for start in range(0, count, self.CHUNK)]
-        if workers > 1:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
+        self.fill(draw_parts(jobs, _draw_range, _init_drawer, builder.processor, workers))
 
-            # spawn, not fork: the parent already runs torch threads
-            context = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(workers, context, initializer=_init_drawer, initargs=(builder.processor,)) as pool:
-                parts = list(pool.map(_draw_range, jobs))
-        else:
-            _init_drawer(builder.processor)
-            parts = [_draw_range(job) for job in jobs]
+    def fill(self, parts: list[tuple[list[Scene], np.ndarray, np.ndarray]]) -> None:
+        """The pool from drawn parts, each (scenes, pixel values, shape coverage), in order."""
         self.scenes = [scene for part in parts for scene in part[0]]
         self.pixels = torch.from_numpy(np.concatenate([part[1] for part in parts]))
         self.masks = torch.from_numpy(np.concatenate([part[2] for part in parts]))
