@@ -14,17 +14,19 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from pipeline.config import GenerationConfig, ModelConfig
+from pipeline.config import EmbedModelConfig, GenerationConfig, ModelConfig
 from pipeline.inputs import PixelScaling
 
 log = logging.getLogger(__name__)
 
 
-def resolve_device(config: ModelConfig) -> torch.device:
+def resolve_device(config: ModelConfig | EmbedModelConfig, field: str = "model", stage: str = "model") -> torch.device:
+    """The device a model section asks for (`auto`: CUDA where this actor sees a GPU); `field` and `stage` name
+    the section and its stage in the error when it asks for CUDA on an actor without a GPU."""
     if config.device == "cpu":
         return torch.device("cpu")
     if config.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("model.device is cuda but this actor sees no GPU (give the model stage num_gpus > 0)")
+        raise RuntimeError(f"{field}.device is cuda but this actor sees no GPU (give the {stage} stage num_gpus > 0)")
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 

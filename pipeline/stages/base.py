@@ -15,14 +15,17 @@ Every callable class derives from `RowStage`, which does what each stage would o
 - it stamps the batch's busy time on its rows (`_seconds_<stage>`), the counter the driver sums;
 - it counts the batch in the live metrics (`pipeline.metrics`): samples in and out, failures by reason,
   latency, and the actor as alive.
+
+Stages that run a model over a whole batch isolate a failing sample with `isolate_failures`.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, ClassVar
+from typing import TYPE_CHECKING, Callable, ClassVar, Sequence, TypeVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -33,6 +36,10 @@ from pipeline.metrics import StageMetrics
 
 if TYPE_CHECKING:
     from pipeline.plan import Plan
+
+log = logging.getLogger(__name__)
+Item = TypeVar("Item")
+Result = TypeVar("Result")
 
 # What `process` returns: one list per column, one value per row it was given. "error" and
 # "error_reason" values, where not None, fail the row (or add to its error).
@@ -182,3 +189,32 @@ def task_function(stage: type[RowStage], kwargs: dict[str, object]) -> Callable[
 
     run.__name__ = run.__qualname__ = stage.__name__
     return run
+
+
+def isolate_failures(
+    call: Callable[[list[Item]], Sequence[Result]],
+    items: list[Item],
+    *,
+    fault_point: str,
+    what: str,
+    before_halves: Callable[[], None] | None = None,
+) -> list[Result | BaseException]:
+    """`call` over all `items` at once, one result per item. When it raises (out of memory included: halves need
+    less), the items are tried again in halves, recursively, until a failing item is alone: its result is then
+    its exception, and its neighbours keep theirs. `before_halves` runs before each retry (to free memory)."""
+    if not items:
+        return []
+    try:
+        faults.inject(fault_point, batch=len(items))
+        return list(call(items))
+    except Exception as exc:
+        if len(items) == 1:
+            log.warning("%s failed for one sample: %s: %s", what, type(exc).__name__, exc)
+            return [exc]
+        log.info("%s of a chunk of %d failed (%s); retrying it in halves", what, len(items), type(exc).__name__)
+        if before_halves is not None:
+            before_halves()
+        half = len(items) // 2
+        return isolate_failures(
+            call, items[:half], fault_point=fault_point, what=what, before_halves=before_halves
+        ) + isolate_failures(call, items[half:], fault_point=fault_point, what=what, before_halves=before_halves)

@@ -16,7 +16,6 @@ Checkpoints are fetched once per node (`pipeline.model_source`) and loaded once 
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Sequence
 
@@ -24,17 +23,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline import faults, rows
+from pipeline import rows
 from pipeline.config import EmbedConfig, EmbedModelConfig, JobConfig
 from pipeline.inputs import unpack_arrays
 from pipeline.model_source import ModelSource, local_model_dir
-from pipeline.stages.base import Columns, MapStage, RowStage
+from pipeline.stages.base import Columns, MapStage, RowStage, isolate_failures
 from pipeline.storage import resolve_storage
 
 if TYPE_CHECKING:
     from pipeline.plan import Plan
-
-log = logging.getLogger(__name__)
 
 IMAGE_EMBEDDING = "image_embedding"
 CLIP_SCORE = "clip_score"
@@ -99,12 +96,10 @@ def check_embed_models(job: JobConfig) -> None:
         local_model_dir(sources.text, files="processor")
 
 
-def _device_and_dtype(config: EmbedModelConfig) -> tuple[str, str]:
-    import torch
+def _device_and_dtype(config: EmbedModelConfig, field: str) -> tuple[str, str]:
+    from pipeline.generator import resolve_device
 
-    if config.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("an embed model's device is cuda but this actor sees no GPU (set stages.embed.num_gpus)")
-    device = "cpu" if config.device == "cpu" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(config, field=field, stage="embed").type
     dtype = config.dtype if config.dtype != "auto" else ("float16" if device == "cuda" else "float32")
     return device, dtype
 
@@ -124,12 +119,12 @@ class EmbedStage(RowStage):
         if sources.image_text is not None and embed.image_text_model is not None:
             from pipeline.inputs import PixelScaling
 
-            device, dtype = _device_and_dtype(embed.image_text_model)
+            device, dtype = _device_and_dtype(embed.image_text_model, "embed.image_text_model")
             directory = local_model_dir(sources.image_text, files="all")
             self.image_text = ImageTextEmbedder(directory, device=device, dtype=dtype)
             self.pixel_scaling = PixelScaling.of(self.image_text.image_processor)
         if sources.text is not None and embed.text_model is not None:
-            device, dtype = _device_and_dtype(embed.text_model)
+            device, dtype = _device_and_dtype(embed.text_model, "embed.text_model")
             self.text = TextEmbedder(local_model_dir(sources.text, files="all"), device=device)
             if dtype != "float32":
                 import torch
@@ -202,29 +197,24 @@ class EmbedStage(RowStage):
     ) -> None:
         """`embed` over every row's input at once (`inputs`: row -> input); a failure isolates its row by
         halving, and that row records what failed."""
-        for position, result in zip(inputs, _isolating(embed, list(inputs.values()))):
+        results = isolate_failures(_checked(embed), list(inputs.values()), fault_point="embed.batch", what="embedding")
+        for position, result in zip(inputs, results):
             if isinstance(result, BaseException):
                 failures[position].append(f"{what}: {type(result).__name__}: {result}")
             else:
                 into[position] = result
 
 
-def _isolating(embed: Callable[[list], np.ndarray], inputs: list) -> list[np.ndarray | BaseException]:
-    """One vector per input, or, for an input that fails even alone, its exception."""
-    if not inputs:
-        return []
-    try:
-        faults.inject("embed.batch", batch=len(inputs))
+def _checked(embed: Callable[[list], np.ndarray]) -> Callable[[list], np.ndarray]:
+    """`embed`, failing when the model returns too few vectors or non-finite ones."""
+
+    def call(inputs: list) -> np.ndarray:
         vectors = embed(inputs)
         if len(vectors) != len(inputs) or not np.isfinite(vectors).all():
             raise ValueError(f"the model returned {len(vectors)} vectors for {len(inputs)} inputs, or non-finite ones")
-        return list(vectors)
-    except Exception as exc:  # out of memory included: halves need less
-        if len(inputs) == 1:
-            log.warning("embedding failed for one sample: %s: %s", type(exc).__name__, exc)
-            return [exc]
-        half = len(inputs) // 2
-        return _isolating(embed, inputs[:half]) + _isolating(embed, inputs[half:])
+        return vectors
+
+    return call
 
 
 def _vector(vector: np.ndarray | None) -> list[float] | None:

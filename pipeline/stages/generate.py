@@ -29,7 +29,7 @@ from pipeline.config import GenerationConfig, ModelConfig, ModelStageConfig, Tas
 from pipeline.inputs import load_processor, unpack_arrays
 from pipeline.model_source import ModelSource, local_model_dir
 from pipeline.prompts import CAPTION, TAGS, VQA
-from pipeline.stages.base import Columns, MapStage, RowStage
+from pipeline.stages.base import Columns, MapStage, RowStage, isolate_failures
 
 if TYPE_CHECKING:
     from pipeline.generator import Answer
@@ -153,17 +153,13 @@ class GenerateStage(RowStage):
 
     def _generate_isolating(self, items: list) -> list[list[Answer] | BaseException]:
         """Every prompt's answer per image; an image whose generation fails alone gets the exception."""
-        try:
-            faults.inject("model.batch", batch=len(items))
-            return list(self.generator.generate_for_images(items))
-        except Exception as exc:  # MemoryError and torch.cuda.OutOfMemoryError included: halves need less
-            if len(items) == 1:
-                log.warning("generation failed for one sample: %s: %s", type(exc).__name__, exc)
-                return [exc]
-            log.info("a chunk of %d failed (%s); retrying it in halves", len(items), type(exc).__name__)
-            self.generator.release_memory()
-            half = len(items) // 2
-            return self._generate_isolating(items[:half]) + self._generate_isolating(items[half:])
+        return isolate_failures(
+            self.generator.generate_for_images,
+            items,
+            fault_point="model.batch",
+            what="generation",
+            before_halves=self.generator.release_memory,
+        )
 
 
 MODEL = MapStage(
