@@ -55,6 +55,7 @@ from pipeline.config import JobConfig, StorageConfig
 from pipeline.embedders import EmbeddingSpace
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.layout import OutputLayout
+from pipeline.schema import EMBEDDINGS_KEY, METADATA_PREFIX, VECTOR_COLUMNS
 from pipeline.storage import describe_storage_error, join, resolve_storage
 from pipeline.urls import protocol_of
 
@@ -63,14 +64,13 @@ log = logging.getLogger(__name__)
 INDEX_DIR = "_index"
 SAMPLES_TABLE = "samples"
 SHARDS_TABLE = "shards"
-VECTOR_COLUMNS = ("image_embedding", "caption_embedding")
 TEXT_COLUMNS = ("caption", "tags")
 IVF_MAX_ITERATIONS = 20
 # `optimize` after an update once this many rows are outside an index, or the table is in this many files.
 OPTIMIZE_UNINDEXED_ROWS = 10_000
 OPTIMIZE_FRAGMENTS = 32
 DISTANCE = "cosine"  # embeddings leave the embedders L2-normalised: cosine is their similarity
-EMBEDDINGS_METADATA = b"llava_pipeline.embeddings"  # in each output file's Parquet key-value metadata
+EMBEDDINGS_METADATA = f"{METADATA_PREFIX}{EMBEDDINGS_KEY}".encode()  # in each output file's Parquet key-value metadata
 MODEL_METADATA = b"llava_pipeline.model"  # on each vector field of the index: the model that made its vectors
 ROW_IDENTITY = ["shard_name", "key"]  # a WebDataset key is unique within its shard only
 
