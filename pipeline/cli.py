@@ -304,7 +304,9 @@ def _run(args: argparse.Namespace) -> int:
         job = job.model_copy(update={"output": job.output.model_copy(update={"mode": "overwrite"})})
     # The lease first, so the plan sees the prefix as no other run is changing it.
     with output_lease(job, run_id=new_run_id(), command="run", force_unlock=args.force_unlock) as lease:
-        plan = plan_job(job, run_id=lease.run_id)  # every check that needs no Ray: a bad job is answered before Ray
+        # Every check that needs no Ray: a bad job is answered before Ray. The processor checks go on on a thread
+        # while Ray starts, and the run confirms them before any work.
+        plan = plan_job(job, run_id=lease.run_id, background_checks=True)
         from pipeline.runner import run_plan
 
         return run_plan(plan, lease=lease).exit_code
@@ -324,7 +326,8 @@ def _retry_failed(args: argparse.Namespace) -> int:
     if args.no_progress_bars:
         job = job.model_copy(update={"ray": job.ray.model_copy(update={"progress_bars": False})})
     with output_lease(job, run_id=new_run_id(), command="retry-failed", force_unlock=args.force_unlock) as lease:
-        plan = plan_retry_failed(job, frozenset(args.reason) if args.reason else None, run_id=lease.run_id)
+        reasons = frozenset(args.reason) if args.reason else None
+        plan = plan_retry_failed(job, reasons, run_id=lease.run_id, background_checks=True)
         from pipeline.runner import run_plan
 
         return run_plan(plan, command="retry-failed", lease=lease).exit_code

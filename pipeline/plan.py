@@ -4,7 +4,12 @@
 loads its processor and renders every prompt through its chat template, and reads the tag
 vocabulary, cheapest checks first (transformers is imported only once the shards and the output
 are known to be there). A ConfigError from here means nothing was started or written.
-`check_cluster_fits` runs once a cluster is joined, before any stage starts.
+
+The processor checks cost seconds of CPU, mostly importing transformers. A run (`background_checks`)
+does them on a thread while it starts Ray, and waits for them (`Plan.confirm_checks`) before it starts
+any stage or writes anything: a bad prompt still stops the run before any work, without making every
+good run wait for the import and Ray's start one after the other. `check_cluster_fits` runs once a
+cluster is joined, before any stage starts.
 """
 
 from __future__ import annotations
@@ -13,8 +18,10 @@ import hashlib
 import json
 import logging
 import secrets
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -47,6 +54,13 @@ class Plan:
     repaired: dict[str, str] = field(default_factory=dict)
     # retry-failed: per shard URL, the keys of the samples to process again
     selection: dict[str, frozenset[str]] | None = None
+    # the processor checks still running on a thread (`background_checks`); None once done or when there were none
+    pending_checks: Future | None = field(default=None, repr=False, compare=False)
+
+    def confirm_checks(self) -> None:
+        """Wait for the processor checks started with the plan; their ConfigError, if any, is raised here."""
+        if self.pending_checks is not None:
+            self.pending_checks.result()
 
     @property
     def settings_digest(self) -> str:
@@ -61,10 +75,13 @@ def new_run_id() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
 
 
-def plan_job(job: JobConfig, *, run_id: str | None = None, read_only: bool = False) -> Plan:
+def plan_job(
+    job: JobConfig, *, run_id: str | None = None, read_only: bool = False, background_checks: bool = False
+) -> Plan:
     """Every check that needs no Ray; a ConfigError here means nothing was started or written.
 
     `read_only` (for `validate`) checks that the output location exists instead of writing a probe.
+    `background_checks`: the processor checks go on on a thread; the run confirms them before any work.
     """
     sources = _Sources.of(job)
     shards = with_retries(
@@ -83,7 +100,14 @@ def plan_job(job: JobConfig, *, run_id: str | None = None, read_only: bool = Fal
             log.info("%d of %d shard(s) already committed; skipping them", len(skipped), len(skipped) + len(shards))
         for url, reason in repaired.items():
             log.warning("%s is marked done but %s: redoing it", url, reason)
-    return sources.plan(run_id, shards, write_probe=not read_only, skipped=skipped, repaired=repaired)
+    return sources.plan(
+        run_id,
+        shards,
+        write_probe=not read_only,
+        background_checks=background_checks,
+        skipped=skipped,
+        repaired=repaired,
+    )
 
 
 def _broken_commits(output: OutputLayout, objects: dict[str, dict[str, object]], names: list[str]) -> dict[str, str]:
@@ -104,7 +128,13 @@ def _broken_commits(output: OutputLayout, objects: dict[str, dict[str, object]],
     return broken
 
 
-def plan_retry_failed(job: JobConfig, reasons: frozenset[str] | None = None, *, run_id: str | None = None) -> Plan:
+def plan_retry_failed(
+    job: JobConfig,
+    reasons: frozenset[str] | None = None,
+    *,
+    run_id: str | None = None,
+    background_checks: bool = False,
+) -> Plan:
     """A plan over the committed error rows (of `reasons`, or all): their samples are read again from
     their shards, and the committer replaces just those rows in each shard's file."""
     sources = _Sources.of(job)
@@ -116,7 +146,7 @@ def plan_retry_failed(job: JobConfig, reasons: frozenset[str] | None = None, *, 
         if failed:
             shards.append(Shard(url=marker["shard"], name=name))
             selection[marker["shard"]] = frozenset(failed)
-    return sources.plan(run_id, shards, write_probe=True, selection=selection)
+    return sources.plan(run_id, shards, write_probe=True, background_checks=background_checks, selection=selection)
 
 
 @dataclass(frozen=True)
@@ -137,17 +167,21 @@ class _Sources:
             output=OutputLayout(job.output.url, resolve_storage(job.storage_for("output")), job.retries),
         )
 
-    def plan(self, run_id: str | None, shards: list[Shard], *, write_probe: bool, **extra) -> Plan:
+    def plan(
+        self, run_id: str | None, shards: list[Shard], *, write_probe: bool, background_checks: bool, **extra
+    ) -> Plan:
         """The plan over `shards`, after the output, model and vocabulary checks. With no shards there
         is nothing to do, and neither the model nor the output is touched (a finished job's rerun
         writes nothing and loads no model)."""
         job = self.job
         vocabulary = None
+        pending = None
         if shards:
             self.output.check_writable(write_probe=write_probe)
-            _check_prompts(job, self.model)  # also finds the checkpoint: a missing one is a ConfigError here
-            _check_embed_models(job)
+            # Every checkpoint is found now (a missing one is a ConfigError here); their processors load after.
+            loads = [_prompt_check(job, self.model), _embed_model_check(job)]
             vocabulary = _load_vocabulary(job, self.input_storage)
+            pending = _start_checks(loads) if background_checks else _run_checks(loads)
         return Plan(
             job=job,
             run_id=run_id or new_run_id(),
@@ -157,6 +191,7 @@ class _Sources:
             model=self.model,
             vocabulary=vocabulary,
             settings=_settings_json(job),
+            pending_checks=pending,
             **extra,
         )
 
@@ -175,21 +210,39 @@ def _failed_keys(output: OutputLayout, name: str, reasons: frozenset[str] | None
     return failed.column("key").to_pylist()
 
 
-def _check_prompts(job: JobConfig, model: ModelSource) -> None:
-    """Render every job-level prompt through the checkpoint's own chat template before starting."""
-    from pipeline.inputs import InputBuilder, load_processor  # transformers: only once the cheap checks passed
-
-    processor = load_processor(local_model_dir(model, files="processor"), job.model)
-    builder = InputBuilder(processor)
-    for prompt in prompts_for(job.tasks, list(job.tasks.vqa.questions) if job.tasks.vqa else []):
-        builder.render(prompt.instruction)
+def _run_checks(loads: list[Callable[[], None]]) -> None:
+    for load in loads:
+        load()
 
 
-def _check_embed_models(job: JobConfig) -> None:
-    """The embedding checkpoints are there and their processor files load (`embed:`), before any work."""
+def _start_checks(loads: list[Callable[[], None]]) -> Future:
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="plan-checks")
+    try:
+        return executor.submit(_run_checks, loads)
+    finally:
+        executor.shutdown(wait=False)
+
+
+def _prompt_check(job: JobConfig, model: ModelSource) -> Callable[[], None]:
+    """Finds the checkpoint's processor files now; what it returns renders every job-level prompt through the
+    checkpoint's own chat template."""
+    directory = local_model_dir(model, files="processor")
+
+    def render_every_prompt() -> None:
+        from pipeline.inputs import InputBuilder, load_processor  # transformers: only once the cheap checks passed
+
+        builder = InputBuilder(load_processor(directory, job.model))
+        for prompt in prompts_for(job.tasks, list(job.tasks.vqa.questions) if job.tasks.vqa else []):
+            builder.render(prompt.instruction)
+
+    return render_every_prompt
+
+
+def _embed_model_check(job: JobConfig) -> Callable[[], None]:
+    """Finds the embedding checkpoints now (`embed:`); what it returns loads their processor files."""
     from pipeline.stages.embed import check_embed_models
 
-    check_embed_models(job)
+    return check_embed_models(job)
 
 
 def _load_vocabulary(job: JobConfig, storage: StorageConfig) -> frozenset[str] | None:

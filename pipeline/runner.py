@@ -207,7 +207,8 @@ def run_job(job: JobConfig, *, echo=print, force_unlock: bool = False, stages: S
 
     `stages`: the declared stages (`pipeline.stages.STAGES`); the capacity benchmark swaps the model stage."""
     with output_lease(job, run_id=new_run_id(), command="run", force_unlock=force_unlock) as lease:
-        return run_plan(plan_job(job, run_id=lease.run_id), echo=echo, lease=lease, stages=stages)
+        plan = plan_job(job, run_id=lease.run_id, background_checks=True)
+        return run_plan(plan, echo=echo, lease=lease, stages=stages)
 
 
 def retry_failed(
@@ -215,9 +216,8 @@ def retry_failed(
 ) -> RunResult:
     """Run again only the samples committed as error rows (of `reasons`, or all), replacing their rows."""
     with output_lease(job, run_id=new_run_id(), command="retry-failed", force_unlock=force_unlock) as lease:
-        return run_plan(
-            plan_retry_failed(job, reasons, run_id=lease.run_id), echo=echo, command="retry-failed", lease=lease
-        )
+        plan = plan_retry_failed(job, reasons, run_id=lease.run_id, background_checks=True)
+        return run_plan(plan, echo=echo, command="retry-failed", lease=lease)
 
 
 def run_plan(
@@ -256,33 +256,36 @@ def _run_leased(plan: Plan, echo, command: str, lease: OutputLease | None, stage
         )
     started_at = datetime.now(timezone.utc)
     stats = RunStats()
-    what = (
-        f"{sum(len(k) for k in plan.selection.values())} failed sample(s) in {len(plan.shards)} shard(s)"
-        if plan.selection is not None
-        else f"{len(plan.shards)} shard(s)" + _resume_note(plan)
-    )
-    echo(f"{command} {plan.run_id}: {what} -> {job.output.url} with {job.model.source} ({', '.join(plan.tasks)})")
-    committer = ShardCommitter(
-        layout=plan.output,
-        shards=plan.shards,
-        schema=schema_for(embedding_columns(job)),
-        constants={"model": job.model.source, "settings": plan.settings, "run_id": plan.run_id},
-        run_id=plan.run_id,
-        compression=job.output.compression,
-        settings_digest=plan.settings_digest,
-        patch=plan.selection is not None,
-        commit_threads=job.output.commit_threads,
-        guard=lease.assert_held if lease is not None else None,
-        embedding_models=embedding_columns(job),
-    )
-    # Under the lease no other run is writing here: whatever is staged was left by killed runs.
-    try:
-        plan.output.discard(plan.output.staging_root(), recursive=True)
-    except Exception as exc:  # hidden from readers; `verify` lists what is left
-        log.warning("could not remove files killed runs left under %s: %s", plan.output.staging_root(), exc)
+    with ray_cluster(job):
+        # The plan's processor checks went on while Ray started: a bad prompt stops the run here, before any work.
+        plan.confirm_checks()
+        what = (
+            f"{sum(len(k) for k in plan.selection.values())} failed sample(s) in {len(plan.shards)} shard(s)"
+            if plan.selection is not None
+            else f"{len(plan.shards)} shard(s)" + _resume_note(plan)
+        )
+        echo(f"{command} {plan.run_id}: {what} -> {job.output.url} with {job.model.source} ({', '.join(plan.tasks)})")
+        committer = ShardCommitter(
+            layout=plan.output,
+            shards=plan.shards,
+            schema=schema_for(embedding_columns(job)),
+            constants={"model": job.model.source, "settings": plan.settings, "run_id": plan.run_id},
+            run_id=plan.run_id,
+            compression=job.output.compression,
+            settings_digest=plan.settings_digest,
+            patch=plan.selection is not None,
+            commit_threads=job.output.commit_threads,
+            guard=lease.assert_held if lease is not None else None,
+            embedding_models=embedding_columns(job),
+        )
+        # Under the lease no other run is writing here: whatever is staged was left by killed runs.
+        try:
+            plan.output.discard(plan.output.staging_root(), recursive=True)
+        except Exception as exc:  # hidden from readers; `verify` lists what is left
+            log.warning("could not remove files killed runs left under %s: %s", plan.output.staging_root(), exc)
 
-    with ray_cluster(job), ActorSampler(actor_stages(job), started=stats.started) as actors:
-        status, error, exit_code = _stream(plan, committer, stats, echo, stages)
+        with ActorSampler(actor_stages(job), started=stats.started) as actors:
+            status, error, exit_code = _stream(plan, committer, stats, echo, stages)
     stats.actors = actors.series
     shards = list(committer.results.values())
     if status == "completed":

@@ -82,18 +82,25 @@ class EmbedSources:
         return cls(image_text=source("image_text_model"), text=source("text_model"))
 
 
-def check_embed_models(job: JobConfig) -> None:
-    """Before a run: each embedding checkpoint is there and its processor files load (a ConfigError naming the
-    field if not). Only the image-text model's processor files are fetched here; weights load in the actors."""
+def check_embed_models(job: JobConfig) -> Callable[[], None]:
+    """Before a run: each embedding checkpoint is there (a ConfigError naming the field if not); what it returns
+    checks that the image-text model's processor files load (transformers). Only processor files are fetched
+    here; weights load in the actors."""
     sources = EmbedSources.of(job)
     if sources is None:
-        return
-    if sources.image_text is not None:
-        from pipeline.inputs import load_image_processor
-
-        load_image_processor(local_model_dir(sources.image_text, files="processor"), sources.image_text.field)
+        return lambda: None
+    image_text = sources.image_text
+    image_dir = local_model_dir(image_text, files="processor") if image_text is not None else None
     if sources.text is not None:
         local_model_dir(sources.text, files="processor")
+
+    def load_processor_files() -> None:
+        if image_text is not None and image_dir is not None:
+            from pipeline.inputs import load_image_processor
+
+            load_image_processor(image_dir, image_text.field)
+
+    return load_processor_files
 
 
 def _device_and_dtype(config: EmbedModelConfig, field: str) -> tuple[str, str]:

@@ -85,6 +85,23 @@ def test_missing_model_exits_2(capsys, s3, bucket, tmp_path, write_job):
     assert_stopped_before_ray(result, "model.source:", "no-such-model")
 
 
+def test_chat_template_without_the_image_stops_the_run_before_any_work(
+    capsys, s3, ray_address, bucket, tiny_model, tmp_path, write_job
+):
+    """The processor checks run beside Ray's start (`Plan.confirm_checks`); a failing one still stops the run
+    before any stage starts or anything is written."""
+    write_shards(tmp_path, shards=1, samples_per_shard=1)
+    upload(s3, tmp_path / "shard-00000.tar", f"{bucket}/shards/shard-00000.tar")
+    text_only = (
+        "{% for message in messages %}{% for part in message['content'] %}"
+        "{% if part['type'] == 'text' %}USER: {{ part['text'] }}{% endif %}{% endfor %}{% endfor %} ASSISTANT:"
+    )
+    job = base_job(bucket, tiny_model, model={"source": str(tiny_model), "device": "cpu", "chat_template": text_only})
+    result = run_cli(capsys, "run", str(write_job(job)))
+    assert_stopped_before_ray(result, "model: the chat template placed 0 image tokens")
+    assert not s3.filesystem().find(f"{bucket}/out"), "nothing is written, the lease included"
+
+
 def test_missing_output_bucket_exits_2(capsys, s3, bucket, tiny_model, tmp_path, write_job):
     write_shards(tmp_path, shards=1, samples_per_shard=1)
     upload(s3, tmp_path / "shard-00000.tar", f"{bucket}/shards/shard-00000.tar")

@@ -334,7 +334,10 @@ def test_node_lost_mid_run_on_a_multi_node_cluster_exactly_once(s3, tiny_model, 
         bucket,
         tiny_model,
         stages={
-            "read": {"num_cpus": 0.25, "rows_per_block": 2},
+            # One read and one parse task at a time: without a limit each node starts a task worker per shard,
+            # each importing Ray Data afresh, which cost this test more CPU than its actors did.
+            "read": {"num_cpus": 0.25, "rows_per_block": 2, "concurrency": 1},
+            "parse": {"num_cpus": 0.25, "concurrency": 1},
             # Both model actors and the rest fit on either node alone, so losing one leaves room to go on.
             "prepare": {"concurrency": 1, "num_cpus": 0.5, "batch_size": 2},
             "model": {"concurrency": 2, "num_gpus": 0, "num_cpus": 1, "batch_size": 2},
