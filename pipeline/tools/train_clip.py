@@ -35,7 +35,6 @@ import hashlib
 import json
 import os
 import random
-import resource
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -47,7 +46,6 @@ from pipeline.images import decode_image
 from pipeline.testing.shards import COLORS, SHAPES, Scene, add_noise, draw_scene, encode, random_scene
 from pipeline.testing.tiny_clip import build_clip_tokenizer, build_tiny_clip, clip_processor, tiny_clip_model
 from pipeline.tools import train_shapes as shapes
-from pipeline.tools.machine import cpu_model
 from pipeline.tools.train_shapes import shape_coverage
 
 REPO = Path(__file__).resolve().parents[2]
@@ -293,11 +291,6 @@ def score(model_dir: Path, scenes: list[Scene], images, *, paraphrase: bool = Tr
     return result
 
 
-def _cpu_seconds(who: int) -> float:
-    usage = resource.getrusage(who)
-    return usage.ru_utime + usage.ru_stime
-
-
 def train(
     out: str | Path, settings: TrainSettings = TrainSettings(), *, evaluate: bool = True, snapshots: bool = False
 ) -> Path:
@@ -353,19 +346,8 @@ def train(
     save(out)
     elapsed = time.perf_counter() - started
     record = {
-        "settings": asdict(settings),
+        **shapes.training_record(out, asdict(settings), elapsed, load_before),
         "vision_from_sha256": vision_from_sha256,
-        # the same settings and thread count on the same machine give the same file
-        "weights_sha256": hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest(),
-        # another CPU model runs other float kernels, so its weights (and hash) differ slightly
-        "cpu_model": cpu_model(),
-        "torch": torch.__version__,
-        "wall_seconds": round(elapsed, 1),
-        # CPU time of this process and its drawing processes: what training costs on cores of its own
-        "cpu_seconds": round(sum(_cpu_seconds(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)), 1),
-        # wall time depends on what else the machine runs; the load averages say how busy it was
-        "load_average_before": [round(x, 2) for x in load_before],
-        "load_average_after": [round(x, 2) for x in os.getloadavg()],
     }
     log(f"saved {out} after {elapsed / 60:.1f} min, {record['cpu_seconds'] / 60:.1f} CPU-min")
     if evaluate:

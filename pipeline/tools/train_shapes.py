@@ -453,6 +453,25 @@ def _cpu_seconds(who: int) -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def training_record(out: Path, settings: dict[str, object], elapsed: float, load_before) -> dict[str, object]:
+    """How a saved checkpoint was made, for its training.json: settings, weights hash, machine and cost."""
+    # Wall time depends on what else the machine runs; the load averages say how busy it was.
+    return {
+        "settings": settings,
+        # the same settings and thread count on the same machine give the same file
+        "weights_sha256": hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest(),
+        # another CPU model runs other float kernels, so its weights (and hash) differ slightly
+        "cpu_model": cpu_model(),
+        "torch": torch.__version__,
+        "wall_seconds": round(elapsed, 1),
+        # CPU time of this process and its drawing processes: what the run costs on cores of its own,
+        # whatever else the machine ran
+        "cpu_seconds": round(sum(_cpu_seconds(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)), 1),
+        "load_average_before": [round(x, 2) for x in load_before],
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
 def _cpu_steal() -> tuple[int, int] | None:
     """(steal, total) CPU ticks from /proc/stat, where there is one."""
     try:
@@ -500,21 +519,7 @@ def train(out: str | Path, settings: TrainSettings = TrainSettings(), *, snapsho
     model.save_pretrained(out)
     processor.save_pretrained(out)
     elapsed = time.perf_counter() - started
-    # Wall time depends on what else the machine runs; the load averages say how busy it was.
-    record = {
-        "settings": settings.__dict__,
-        # the same settings and thread count on the same machine give the same file
-        "weights_sha256": hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest(),
-        # another CPU model runs other float kernels, so its weights (and hash) differ slightly
-        "cpu_model": cpu_model(),
-        "torch": torch.__version__,
-        "wall_seconds": round(elapsed, 1),
-        # CPU time of this process and its drawing processes: what the run costs on 2 cores of its own,
-        # whatever else the machine ran
-        "cpu_seconds": round(sum(_cpu_seconds(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)), 1),
-        "load_average_before": [round(x, 2) for x in load_before],
-        "load_average_after": [round(x, 2) for x in os.getloadavg()],
-    }
+    record = training_record(out, settings.__dict__, elapsed, load_before)
     steal_after = _cpu_steal()
     if steal_before and steal_after:
         # On a virtual machine, the share of CPU time the host gave to others: it stretches wall time.
