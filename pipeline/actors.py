@@ -35,12 +35,13 @@ def actor_stages(job: "JobConfig") -> dict[str, str]:
     """{stage name: its callable class's name} for the stages that run in actor pools."""
     from pipeline.config import ActorStageConfig
     from pipeline.stages import STAGES
-    from pipeline.stages.base import MapStage
+    from pipeline.stages.base import MapStage, placed
 
     return {
-        stage.name: stage.fn.__name__
-        for stage in STAGES
-        if isinstance(stage, MapStage) and stage.enabled(job) and isinstance(stage.section(job), ActorStageConfig)
+        part.name: stage.fn.__name__  # stages joined in one actor (`in_next_stage`) count its actors each
+        for stage in placed(STAGES, job)
+        if isinstance(stage, MapStage) and isinstance(stage.section(job), ActorStageConfig)
+        for part in stage.stages
     }
 
 

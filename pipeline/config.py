@@ -452,6 +452,29 @@ class PrepareStageConfig(ActorStageConfig):
     num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per actor.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per actor (preprocessing runs on CPU).")
     batch_size: int = Field(16, ge=1, description="Samples per call.")
+    in_model_actors: bool = Field(
+        False,
+        description="Decode and preprocess inside the model actors, each batch just before its model call, instead "
+        "of in a pool of their own. One process start instead of two and no copy of the model inputs between "
+        "actors: for small jobs and CPU-only runs. Off on GPU nodes, where a pool of CPU actors keeps the GPUs fed. "
+        "With it on, this section's pool settings do not apply and may not be set.",
+    )
+
+    @model_validator(mode="after")
+    def _no_pool_settings_in_model_actors(self) -> "PrepareStageConfig":
+        if self.in_model_actors:
+            pool = [name for name in sorted(self.model_fields_set) if name != "in_model_actors"]
+            if pool:
+                raise ValueError(
+                    f"{', '.join(pool)} cannot be set with in_model_actors: true (the model actors prepare their own "
+                    "batches, with stages.model's resources and batch size); remove it or turn in_model_actors off"
+                )
+        return self
+
+    @property
+    def min_cpus(self) -> float:
+        """CPUs the stage holds of its own: none when it runs in the model actors."""
+        return 0.0 if self.in_model_actors else super().min_cpus
 
 
 class ModelStageConfig(ActorStageConfig):

@@ -31,6 +31,7 @@ from pipeline.plan import Plan, check_cluster_fits, new_run_id, plan_job, plan_r
 from pipeline.retry import error_chain
 from pipeline.schema import schema_for
 from pipeline.stages import STAGES
+from pipeline.stages.base import placed
 from pipeline.stages.embed import embedding_columns
 from pipeline.storage import describe_storage_error
 from pipeline.summary import RunOutcome, RunStats, build_summary, render_summary, summary_json
@@ -84,9 +85,7 @@ def build_dataset(plan: Plan, stages: Sequence = STAGES):
     ray.data.DataContext.get_current().enable_progress_bars = plan.job.ray.progress_bars
     metrics.label_dataset(plan.job.name, plan.run_id)
     dataset = None
-    for stage in stages:
-        if not stage.enabled(plan.job):
-            continue
+    for stage in placed(stages, plan.job):
         dataset = stage.add_to(dataset, plan)
         if dataset.context.target_max_block_size != _block_bytes(plan.job):
             # Set on the source's dataset, which every later stage's dataset copies: this job's blocks only.

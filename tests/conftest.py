@@ -4,7 +4,11 @@ import pytest
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """GPU tests run where CUDA is present and are skipped, visibly, elsewhere."""
+    """Unit tests first, then integration tests, then `background` tests (whose scenarios ran meanwhile).
+    GPU tests run where CUDA is present and are skipped, visibly, elsewhere."""
+    items.sort(
+        key=lambda item: (item.get_closest_marker("background") is not None, item.path.parent.name == "integration")
+    )
     try:
         import torch
 
@@ -17,3 +21,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def background_scenarios(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """{test id: its scenario} for the session's `background` tests, each started here, as the session starts.
+
+    A background scenario runs in processes of its own (a Ray cluster of its own) and spends most of its time
+    waiting: for nodes and actors to start, for a node to be noticed gone. Started with the session, it runs
+    beside the tests in this process instead of after them; its test, ordered last, checks what it did."""
+    started = {}
+    for item in request.session.items:
+        marker = item.get_closest_marker("background")
+        if marker is not None:
+            started[item.nodeid] = marker.args[0](tmp_path_factory.mktemp("background"))
+    yield started
+    for scenario in started.values():
+        scenario.stop()

@@ -17,6 +17,10 @@ Every callable class derives from `RowStage`, which does what each stage would o
   latency, and the actor as alive.
 
 Stages that run a model over a whole batch isolate a failing sample with `isolate_failures`.
+
+A stage may run inside the next stage's actors instead of a pool of its own (`MapStage.in_next_stage`, a
+job setting such as `stages.prepare.in_model_actors`): `placed` joins it to that stage as one Ray Data
+operator, whose actors build both (`StagesInOneActor`) and call them in turn on each batch.
 """
 
 from __future__ import annotations
@@ -129,15 +133,40 @@ class MapStage:
     section's `concurrency`; task stages run `fn` in short-lived Ray tasks over whole blocks.
     """
 
-    fn: type[RowStage]
+    fn: type[RowStage] | type[StagesInOneActor]
     section: Callable[[JobConfig], StageSection]
     constructor_kwargs: Callable[["Plan"], dict[str, object]]
     # Whether a job runs this stage at all (the embed stage only with an `embed` section).
     enabled: Callable[[JobConfig], bool] = lambda job: True
+    # Whether a job runs this stage inside the next stage's actors instead of a pool of its own.
+    in_next_stage: Callable[[JobConfig], bool] = lambda job: False
+    # The declared stages this one runs, in order: itself, or the stages joined into one actor.
+    parts: tuple["MapStage", ...] = ()
 
     @property
     def name(self) -> str:
         return self.fn.name
+
+    @property
+    def stages(self) -> tuple["MapStage", ...]:
+        return self.parts or (self,)
+
+    def after(self, before: Sequence["MapStage"]) -> "MapStage":
+        """This stage with `before` run in its actors, ahead of it on each batch: one Ray Data operator,
+        with this stage's section (resources, pool, batch size)."""
+        parts = (*before, self)
+        fn = type(
+            "+".join(part.fn.__name__ for part in parts),  # Ray Data names the operator (and its actors) by it
+            (StagesInOneActor,),
+            {"name": "+".join(part.name for part in parts)},
+        )
+        return MapStage(
+            fn=fn,
+            section=self.section,
+            constructor_kwargs=lambda plan: {"parts": [(part.fn, part.constructor_kwargs(plan)) for part in parts]},
+            enabled=self.enabled,
+            parts=parts,
+        )
 
     def add_to(self, dataset, plan: "Plan"):
         """The dataset with this stage applied: Arrow batches in and out, one row out per row in."""
@@ -170,6 +199,43 @@ class MapStage:
                 udf_modifying_row_count=False,
                 **arguments,
             )
+
+
+class StagesInOneActor:
+    """Several stages' callables built in one actor and called in turn on each batch (`MapStage.after`).
+
+    Each keeps what makes it a stage: its own busy time, metrics and pass-through of failed rows."""
+
+    name: ClassVar[str]
+
+    def __init__(self, parts: list[tuple[type[RowStage], dict[str, object]]]):
+        # The last stage, whose section the actor runs under, is built first: the actor is its, so its clock
+        # (a model actor's cost runs from its start, imports and load included) starts with the actor.
+        built = {index: fn(**kwargs) for index, (fn, kwargs) in reversed(list(enumerate(parts)))}
+        self.stages = [built[index] for index in range(len(parts))]
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        for stage in self.stages:
+            table = stage(table)
+        return table
+
+
+def placed(stages: Sequence, job: JobConfig) -> list:
+    """The stages a job runs, as Ray Data operators: a stage that runs in the next one's actors is joined to it."""
+    operators: list = []
+    waiting: list[MapStage] = []
+    for stage in stages:
+        if not stage.enabled(job):
+            continue
+        if isinstance(stage, MapStage) and stage.in_next_stage(job):
+            waiting.append(stage)
+            continue
+        if waiting:
+            stage, waiting = stage.after(waiting), []
+        operators.append(stage)
+    if waiting:
+        raise ValueError(f"{waiting[-1].name} runs in the next stage's actors, but no stage follows it")
+    return operators
 
 
 def actor_pool(concurrency: int | tuple[int, int], max_tasks_in_flight: int | None = None):

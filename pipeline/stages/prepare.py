@@ -144,4 +144,5 @@ PREPARE = MapStage(
         "decode": plan.job.decode,
         "embed": EmbedSources.of(plan.job),
     },
+    in_next_stage=lambda job: job.stages.prepare.in_model_actors,
 )

@@ -3,11 +3,15 @@ and the CLI run in-process."""
 
 from __future__ import annotations
 
+import os
 import re
+import signal
+import subprocess
 import sys
 import tarfile
+import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
@@ -16,8 +20,17 @@ import pytest
 
 from pipeline.testing.s3_server import LocalS3
 
+# The bundled model (trained by pipeline.tools.train_shapes): answers right about the generated shapes.
+SHAPES_MODEL = Path(__file__).resolve().parents[2] / "models" / "tiny-llava-shapes"
+
+# The production layout: decoding and preprocessing in a CPU actor pool of its own, feeding the model actors.
+PREPARE_POOL = {"concurrency": 1, "num_cpus": 0.5, "batch_size": 8}
+
 
 def base_job(bucket: str, model_source: str | Path, **sections: object) -> dict[str, object]:
+    """A small job on the local S3. Preparing runs in the model actor (`stages.prepare.in_model_actors`): one
+    actor start per run instead of two, the suite's largest cost on 2 cores. Tests of the pools themselves,
+    and the end-to-end and truth tests, set `stages.prepare` to `PREPARE_POOL`."""
     job: dict[str, object] = {
         "name": "test",
         "input": {"urls": [f"s3://{bucket}/shards/shard-*.tar"]},
@@ -26,7 +39,7 @@ def base_job(bucket: str, model_source: str | Path, **sections: object) -> dict[
         "tasks": {"caption": {"max_new_tokens": 4}},
         "stages": {
             "read": {"num_cpus": 0.25},
-            "prepare": {"concurrency": 1, "num_cpus": 0.5, "batch_size": 8},
+            "prepare": {"in_model_actors": True},
             "model": {"concurrency": 1, "num_gpus": 0, "num_cpus": 0.5, "batch_size": 4},
         },
         "ray": {"progress_bars": False},
@@ -43,6 +56,11 @@ def read_output(s3: LocalS3, url: str) -> pa.Table:
     """Every output row under a prefix, read the way a user would (pyarrow skips `_` paths)."""
     fs = s3.filesystem()
     return ds.dataset(url.removeprefix("s3://"), filesystem=fs, format="parquet").to_table()
+
+
+def read_local_output(directory: Path) -> pa.Table:
+    """Every output row under a local output directory (pyarrow skips `_` paths)."""
+    return ds.dataset(str(directory), format="parquet").to_table()
 
 
 def upload(s3: LocalS3, local: Path, remote: str) -> None:
@@ -110,3 +128,36 @@ def run_cli(capsys: pytest.CaptureFixture[str], *args: str, runner_importable: b
             exit_code = exit.code if isinstance(exit.code, int) else 1
     captured = capsys.readouterr()
     return CliResult(exit_code, captured.out, captured.err)
+
+
+@dataclass
+class BackgroundScenario:
+    """A scenario in a process of its own (its own Ray cluster), started with the session by a `background`
+    test (see tests/conftest.py) and awaited by that test; `details` is what the test checks besides its output."""
+
+    process: subprocess.Popen
+    details: dict[str, object] = field(default_factory=dict)
+    started: float = field(default_factory=time.monotonic)
+    wall_seconds: float | None = None
+
+    @classmethod
+    def start(cls, command: list[str], environment: dict[str, str], **details: object) -> "BackgroundScenario":
+        # In a session of its own: stopping it takes the cluster's processes too (killpg), not only the driver.
+        process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment, start_new_session=True
+        )
+        return cls(process, details)
+
+    def outcome(self, timeout: float) -> tuple[str, str]:
+        """Its stdout and stderr once it ends; stopped (and what it printed kept) if it runs past `timeout`."""
+        try:
+            stdout, stderr = self.process.communicate(timeout=max(1.0, self.started + timeout - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            self.stop()
+            stdout, stderr = self.process.communicate()
+        self.wall_seconds = round(time.monotonic() - self.started, 1)
+        return stdout, stderr
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)

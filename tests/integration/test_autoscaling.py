@@ -11,25 +11,28 @@ and an autoscaling config rather than `AutoscalingCluster`, whose `start()` and 
 `ray stop --force` and would take down every other Ray on the machine (the suite's session Ray
 included), and whose base config (`fake_multi_node/example.yaml`) the Ray wheel does not ship; here
 only this cluster's processes are stopped.
+
+Most of the scenario's time is waiting (for nodes and actors to start, for the idle node to go), so it is a
+`background` test: its process starts with the session, beside the unit tests, and the test, run last,
+checks what it did. It reads and writes local files, as it starts before the session's S3 server.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
+from pathlib import Path
 
-from support import assert_exactly_once, base_job, read_output, upload
+import pytest
+from support import SHAPES_MODEL, BackgroundScenario, assert_exactly_once, base_job, read_local_output
 
 from pipeline import faults
 from pipeline.testing.shards import write_shards
 
 CLUSTER = {
-    # Room for the stage tasks, the prepare actor and one model actor (a logical GPU: the tiny model runs on
-    # the CPU). A pool of [1, 2] starts on the head and needs a worker node to grow.
+    # Room for the stage tasks and one model actor, which prepares its own batches (base_job; a logical GPU:
+    # the tiny model runs on the CPU). A pool of [1, 2] starts on the head and needs a worker node to grow.
     "head": {"CPU": 2, "GPU": 1},
     # One model actor per node; no CPUs, so stage tasks stay on the head (and start no workers there).
     "worker": {"CPU": 0, "GPU": 1, "object_store_memory": 100 * 1024 * 1024},
@@ -159,21 +162,20 @@ finally:
 """
 
 
-def test_model_pool_grows_from_its_minimum_as_nodes_join_then_nodes_leave_exactly_once(
-    s3, tiny_model, bucket, tmp_path
-):
-    started = time.monotonic()
+def start_autoscaling_scenario(workdir: Path) -> BackgroundScenario:
+    """The scenario's driver and cluster in a process of their own, started with the session (`background`)."""
     # One sample per shard: each shard is one block, one model task, so work queues task by task.
-    local = write_shards(tmp_path / "shards", shards=12, samples_per_shard=1, seed=3)
-    for path in local:
-        upload(s3, path, f"{bucket}/shards/{path.name}")
+    local = write_shards(workdir / "shards", shards=12, samples_per_shard=1, seed=3)
+    out = workdir / "out"
+    # Local shards and outputs: the scenario starts before the session's S3 server, and runs beside it.
     job = base_job(
-        bucket,
-        tiny_model,
+        "unused",
+        SHAPES_MODEL,
+        input={"urls": [f"{workdir}/shards/*.tar"]},
+        output={"url": f"file://{out}"},
         stages={
             # One read and one parse task at a time: a couple of task workers on the head, not one per shard.
             "read": {"num_cpus": 0.25, "concurrency": 1},
-            "prepare": {"concurrency": 1, "num_cpus": 0.5, "batch_size": 2},
             "model": {"concurrency": list(MODEL_POOL), "num_gpus": 1, "num_cpus": 0, "batch_size": 2},
             "parse": {"num_cpus": 0.25, "concurrency": 1},
         },
@@ -181,9 +183,9 @@ def test_model_pool_grows_from_its_minimum_as_nodes_join_then_nodes_leave_exactl
     # Each model call takes 5 seconds longer (a slow GPU, without spending this machine's CPUs) until the
     # pool has grown to its maximum: work waits in front of the model stage while nodes and actors start,
     # however long this machine takes, and drains quickly once the pool is full.
-    release = tmp_path / "pool-is-full"
+    release = workdir / "pool-is-full"
     slow_model = {
-        "state_dir": str(tmp_path / "faults"),
+        "state_dir": str(workdir / "faults"),
         "rules": {"model.batch": {"action": "delay", "seconds": 5, "times": -1, "until_file": str(release)}},
     }
     environment = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", faults.ENV)}
@@ -196,37 +198,25 @@ def test_model_pool_grows_from_its_minimum_as_nodes_join_then_nodes_leave_exactl
             "RAY_DATA_MIN_GAP_BETWEEN_AUTOSCALING_REQUESTS": "2",
         }
     )
-    # In a session of its own: if it overruns, the cluster's processes go with it (killpg), not only the driver.
-    script = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            AUTOSCALING_SCRIPT,
-            json.dumps(job),
-            json.dumps(CLUSTER),
-            str(tmp_path / "autoscaling.json"),
-            str(release),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=environment,
-        start_new_session=True,
+    arguments = [json.dumps(job), json.dumps(CLUSTER), str(workdir / "autoscaling.json"), str(release)]
+    return BackgroundScenario.start(
+        [sys.executable, "-c", AUTOSCALING_SCRIPT, *arguments], environment, shards=local, out=out
     )
-    try:
-        stdout, stderr = script.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(script.pid, signal.SIGKILL)
-        stdout, stderr = script.communicate()
+
+
+@pytest.mark.background.with_args(start_autoscaling_scenario)  # with_args: the one argument is a function
+def test_model_pool_grows_from_its_minimum_as_nodes_join_then_nodes_leave_exactly_once(background_scenarios, request):
+    scenario = background_scenarios[request.node.nodeid]
+    stdout, stderr = scenario.outcome(timeout=300)
     [line] = [line for line in stdout.splitlines() if line.startswith("RESULT ")] or [None]
     assert line, stdout[-3000:] + stderr[-5000:]
     outcome = json.loads(line.removeprefix("RESULT "))
     summary, nodes = outcome["summary"], outcome["nodes"]
     print(stdout[-3000:])
     print("model actors:", summary["actors"]["model"], "worker nodes:", nodes, "run:", outcome["run_seconds"], "s")
-    print("test wall:", round(time.monotonic() - started, 1), "s")
+    print("scenario wall:", scenario.wall_seconds, "s")
     assert outcome["exit_code"] == 0, summary.get("error")
-    assert script.returncode == 0, stderr[-3000:]
+    assert scenario.process.returncode == 0, stderr[-3000:]
 
     # The model pool started at its minimum and grew to its maximum.
     counts = [count for _, count in summary["actors"]["model"]]
@@ -238,4 +228,4 @@ def test_model_pool_grows_from_its_minimum_as_nodes_join_then_nodes_leave_exactl
     assert max(count for _, count in nodes) == CLUSTER["max_workers"], nodes
     assert nodes[-1][1] == 0, nodes
 
-    assert_exactly_once(read_output(s3, f"s3://{bucket}/out/"), local)
+    assert_exactly_once(read_local_output(scenario.details["out"]), scenario.details["shards"])

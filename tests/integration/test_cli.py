@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from support import CliResult, base_job, read_output, run_cli, upload
+from support import CliResult, base_job, run_cli, upload
 
 from pipeline.testing.s3_server import free_port
 from pipeline.testing.shards import write_shards
@@ -118,33 +118,6 @@ def test_validate_checks_without_writing(capsys, s3, bucket, tiny_model, tmp_pat
     assert result.exit_code == 0, result.stderr
     assert "shards  2 to run:" in result.stdout and "tasks   caption" in result.stdout
     assert not s3.filesystem().exists(f"{bucket}/out")
-
-
-def test_run_takes_input_output_and_model_from_the_command_line(
-    capsys, s3, ray_address, bucket, tiny_model, tmp_path, write_job
-):
-    """A nightly invocation: a checked-in spec, with tonight's input, output and model on the command line."""
-    paths = write_shards(tmp_path / "shards", shards=2, samples_per_shard=3, seed=5)
-    for path in paths:
-        upload(s3, path, f"{bucket}/tonight/{path.name}")
-    spec = base_job("placeholder-bucket", "placeholder-model")
-    result = run_cli(
-        capsys,
-        "run",
-        str(write_job(spec)),
-        "--input",
-        f"s3://{bucket}/tonight/shard-00000.tar",
-        f"s3://{bucket}/tonight/shard-00001.tar",
-        "--output",
-        f"s3://{bucket}/captions/2026-11-22/",
-        "--model",
-        str(tiny_model),
-    )
-    assert result.exit_code == 0, result.stderr[-3000:]
-    assert "samples   6 read, 6 succeeded, 0 failed" in result.stdout
-    table = read_output(s3, f"s3://{bucket}/captions/2026-11-22/")
-    assert sorted(table.column("key").to_pylist()) == sorted(f"s{i:05d}-{j:06d}" for i in range(2) for j in range(3))
-    assert set(table.column("model").to_pylist()) == {str(tiny_model)}
 
 
 def test_schema_command_documents_every_column(capsys):

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from support import assert_exactly_once, base_job, read_output, upload
+import yaml
+from support import PREPARE_POOL, assert_exactly_once, base_job, read_output, upload
 
 from pipeline.cli import main
 from pipeline.schema import load_schema
@@ -51,18 +52,34 @@ ALL_TASKS = {
 
 @pytest.fixture(scope="module")
 def local_model_run(s3, ray_address, tiny_model, shard_files, tmp_path_factory):
-    """One run with the model from a saved directory; several tests inspect its outputs."""
+    """One run with the model from a saved directory; several tests inspect its outputs.
+
+    Invoked as a nightly job is: a checked-in spec, with tonight's input, output and model on the command line."""
     bucket = "e2e-local-model"
     s3.create_bucket(bucket)
     for path in shard_files:
         upload(s3, path, f"{bucket}/shards/{path.name}")
-    job = base_job(bucket, tiny_model, tasks=ALL_TASKS)
+    spec = base_job("placeholder-bucket", "placeholder-model", tasks=ALL_TASKS, stages={"prepare": PREPARE_POOL})
     job_path = tmp_path_factory.mktemp("jobs") / "job.yaml"
-    import yaml
-
-    job_path.write_text(yaml.safe_dump(job))
-    exit_code = main(["run", str(job_path)])
-    return {"bucket": bucket, "exit_code": exit_code, "table": read_output(s3, f"s3://{bucket}/out/")}
+    job_path.write_text(yaml.safe_dump(spec))
+    exit_code = main(
+        [
+            "run",
+            str(job_path),
+            "--input",
+            f"s3://{bucket}/shards/shard-*.tar",
+            "--output",
+            f"s3://{bucket}/out/",
+            "--model",
+            str(tiny_model),
+        ]
+    )
+    return {
+        "bucket": bucket,
+        "model": str(tiny_model),
+        "exit_code": exit_code,
+        "table": read_output(s3, f"s3://{bucket}/out/"),
+    }
 
 
 def test_run_completes_with_every_key_exactly_once(local_model_run, shard_files):
@@ -93,6 +110,7 @@ def test_rows_describe_their_images(local_model_run):
         assert len(row["image_sha256"]) == 64
         assert sorted(row["members"]) == sorted([row["image_member"], f"{row['key']}.json"])
         assert row["run_id"] and row["processed_at"] is not None
+        assert row["model"] == local_model_run["model"]  # the command line's, not the spec's
         settings = json.loads(row["settings"])
         assert settings["tasks"]["vqa"]["questions"] == [JOB_QUESTION]
 

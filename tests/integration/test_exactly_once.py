@@ -14,7 +14,16 @@ import sys
 from pathlib import Path
 
 import pyarrow.compute as pc
-from support import assert_exactly_once, base_job, read_output, upload
+import pytest
+from support import (
+    SHAPES_MODEL,
+    BackgroundScenario,
+    assert_exactly_once,
+    base_job,
+    read_local_output,
+    read_output,
+    upload,
+)
 
 from pipeline import faults
 from pipeline.cli import main
@@ -194,10 +203,9 @@ def test_actor_killed_batch_hung_and_out_of_memory_still_exactly_once(
     job = base_job(
         bucket,
         tiny_model,
-        stages={
-            "prepare": {"concurrency": 1, "num_cpus": 0.5, "batch_size": 8},
-            "model": {"concurrency": 1, "num_gpus": 0, "num_cpus": 0.5, "batch_size": 8, "batch_timeout_s": 4},
-        },
+        # The model actor prepares its own batches (base_job): a killed or hung one takes its batch's preparing
+        # with it, and the retry on a fresh actor prepares the batch again.
+        stages={"model": {"concurrency": 1, "num_gpus": 0, "num_cpus": 0.5, "batch_size": 8, "batch_timeout_s": 4}},
     )
     result = run_job(load(job))
     assert result.exit_code == 0, result.summary["error"]
@@ -328,32 +336,42 @@ sys.exit(result.exit_code)
 """
 
 
-def test_node_lost_mid_run_on_a_multi_node_cluster_exactly_once(s3, tiny_model, bucket, tmp_path):
-    local = make_shards(s3, bucket, tmp_path, shards=6, samples=6)
+def start_node_loss_scenario(workdir: Path) -> BackgroundScenario:
+    """The node-loss run in a process of its own, started with the session (`background`): most of its time
+    is waiting for the cluster, its actors and the lost node's detection. Local shards and outputs: it starts
+    before the session's S3 server."""
+    local = write_shards(workdir / "shards", shards=6, samples_per_shard=6, seed=1)
+    out = workdir / "out"
     job = base_job(
-        bucket,
-        tiny_model,
+        "unused",
+        SHAPES_MODEL,
+        input={"urls": [f"{workdir}/shards/*.tar"]},
+        output={"url": f"file://{out}"},
         stages={
             # One read and one parse task at a time: without a limit each node starts a task worker per shard,
             # each importing Ray Data afresh, which cost this test more CPU than its actors did.
             "read": {"num_cpus": 0.25, "rows_per_block": 2, "concurrency": 1},
             "parse": {"num_cpus": 0.25, "concurrency": 1},
-            # Both model actors and the rest fit on either node alone, so losing one leaves room to go on.
+            # The production layout, a prepare pool feeding the model actors. Both model actors and the rest fit
+            # on either node alone, so losing one leaves room to go on.
             "prepare": {"concurrency": 1, "num_cpus": 0.5, "batch_size": 2},
             "model": {"concurrency": 2, "num_gpus": 0, "num_cpus": 1, "batch_size": 2},
         },
     )
-    environment = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    done = subprocess.run(
-        [sys.executable, "-c", NODE_LOSS_SCRIPT, json.dumps(job), f"{bucket}/out/"],
-        capture_output=True,
-        text=True,
-        timeout=400,
-        env=environment,
+    environment = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", faults.ENV)}
+    return BackgroundScenario.start(
+        [sys.executable, "-c", NODE_LOSS_SCRIPT, json.dumps(job)], environment, shards=local, out=out
     )
-    assert "removed the worker node" in done.stdout, done.stdout + done.stderr[-3000:]
-    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
-    [summary_path] = s3.filesystem().glob(f"{bucket}/out/_runs/*.json")
-    summary = json.loads(s3.filesystem().cat_file(summary_path))
+
+
+@pytest.mark.background.with_args(start_node_loss_scenario)  # with_args: the one argument is a function
+def test_node_lost_mid_run_on_a_multi_node_cluster_exactly_once(background_scenarios, request):
+    scenario = background_scenarios[request.node.nodeid]
+    stdout, stderr = scenario.outcome(timeout=400)
+    assert "removed the worker node" in stdout, stdout + stderr[-3000:]
+    assert scenario.process.returncode == 0, stdout + stderr[-3000:]
+    [summary_path] = (scenario.details["out"] / "_runs").glob("*.json")
+    summary = json.loads(summary_path.read_text())
     print("stream restarts:", summary["stream_restarts"], "rows delivered twice:", summary["duplicates_dropped"])
-    assert_exactly_once(read_output(s3, f"s3://{bucket}/out/"), local)
+    print("scenario wall:", scenario.wall_seconds, "s")
+    assert_exactly_once(read_local_output(scenario.details["out"]), scenario.details["shards"])

@@ -6,6 +6,8 @@ after padding, answers from another batch, per-sample questions asked of the wro
 as a mismatch with the ground truth in that row's own JSON. The shards mix sizes, aspect ratios and
 formats, keys are shuffled within each shard, and the model stage runs two actors at batch sizes 3
 (padded chunks of 3 and the shorter ones left at the end of a block) and 16 (a chunk spanning whole blocks).
+At batch size 3 a prepare actor pool feeds the model actors; at 16 the model actors prepare their own
+batches (`stages.prepare.in_model_actors`): both layouts must give every row its own answers.
 """
 
 from __future__ import annotations
@@ -13,17 +15,15 @@ from __future__ import annotations
 import json
 import random
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import yaml
-from support import base_job, read_output, upload
+from support import SHAPES_MODEL, base_job, read_output, upload
 
 from pipeline.cli import main
 from pipeline.testing.shards import Scene, shape_presence_questions, synthetic_samples, write_shard
 from pipeline.tools.evaluate import JOB_QUESTIONS, mismatches
 
-SHAPES_MODEL = Path(__file__).resolve().parents[2] / "models" / "tiny-llava-shapes"
 SIZES = ((64, 64), (96, 64), (48, 80))
 FORMATS = ("jpg", "png", "webp")
 # Shards of scenes the bundled model gets right (caption, tags, every answer) when run directly, checked
@@ -79,7 +79,9 @@ def truth_run(request, s3, ray_address, truth_bucket, tmp_path_factory):
         tasks=TASKS,
         stages={
             "read": {"num_cpus": 0.25, "rows_per_block": 5},
-            "prepare": {"concurrency": 1, "num_cpus": 0.5, "batch_size": 4},
+            "prepare": {"concurrency": 1, "num_cpus": 0.5, "batch_size": 4}
+            if batch_size == 3
+            else {"in_model_actors": True},
             # Half a CPU each: the previous batch size's actors, which hold theirs until their last metrics export
             # (pipeline.metrics.StageMetrics.settle), and this run's fit the session Ray's 4 CPUs side by side.
             "model": {"concurrency": 2, "num_gpus": 0, "num_cpus": 0.5, "batch_size": batch_size},

@@ -94,3 +94,20 @@ def test_summary_line_shows_each_stage_peak_and_its_steps() -> None:
     assert render_actors(series) == "  actors    prepare max 1 (0 1 0), model max 3 (0 1 3 0)"
     long = {"model": [[float(i), i % 4] for i in range(30)]}
     assert render_actors(long) == "  actors    model max 3 (0 1 2 3 0 1 ... 0 1 2 3 0 1)"
+
+
+def test_stages_joined_in_one_actor_each_count_its_actors() -> None:
+    job = JobConfig.model_validate(
+        {
+            "name": "j",
+            "input": {"urls": ["/data/shard-*.tar"]},
+            "output": {"url": "/data/out/"},
+            "model": {"source": "/models/m"},
+            "tasks": {"caption": {}},
+            "stages": {"prepare": {"in_model_actors": True}},
+        }
+    )
+    stages = actor_stages(job)
+    assert stages == {"prepare": "PrepareStage+GenerateStage", "model": "PrepareStage+GenerateStage"}
+    names = ["MapWorker(MapBatches(PrepareStage+GenerateStage))"] * 2
+    assert count_by_stage(names, stages) == {"prepare": 2, "model": 2}

@@ -195,6 +195,15 @@ def test_sampling_knobs_without_do_sample_are_named() -> None:
     assert "  generation: temperature, top_k only apply with do_sample: true" in message
 
 
+def test_prepare_in_the_model_actors_takes_no_pool_settings_of_its_own() -> None:
+    job = parse_job(job_with(lambda r: r.update(stages={"prepare": {"in_model_actors": True}})))
+    assert job.stages.prepare.in_model_actors and job.stages.prepare.min_cpus == 0
+    message = config_error(
+        job_with(lambda r: r.update(stages={"prepare": {"in_model_actors": True, "concurrency": 2, "num_cpus": 2}}))
+    )
+    assert "  stages.prepare: concurrency, num_cpus cannot be set with in_model_actors: true" in message
+
+
 def test_sampling_knobs_with_do_sample_are_accepted() -> None:
     job = parse_job(job_with(lambda r: r.update(generation={"do_sample": True, "temperature": 0.7, "top_p": 0.9})))
     assert (job.generation.temperature, job.generation.top_p) == (0.7, 0.9)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import time
+
 import pyarrow as pa
+import pytest
 
 from pipeline import rows
-from pipeline.config import ActorStageConfig, StagesConfig, TaskStageConfig
+from pipeline.config import ActorStageConfig, JobConfig, StagesConfig, TaskStageConfig
 from pipeline.stages import STAGES
-from pipeline.stages.base import Columns, RowStage, task_function
+from pipeline.stages.base import Columns, MapStage, RowStage, placed, task_function
 
 SHARD = "file:///data/s.tar"
 
@@ -21,6 +24,7 @@ class Shout(RowStage):
 
     def __init__(self) -> None:
         self.seen: list[str] = []
+        self.built_at = time.perf_counter_ns()
 
     def process(self, work: pa.Table) -> Columns:
         texts = work.column("metadata").to_pylist()
@@ -93,3 +97,69 @@ def test_every_stage_has_its_section_of_stages_in_the_order_rows_flow() -> None:
     for stage in STAGES[1:]:
         section = getattr(sections, stage.name)
         assert isinstance(section, (ActorStageConfig, TaskStageConfig)), stage.name
+
+
+class Whisper(RowStage):
+    """Lower-cases what `Shout` wrote; records the order it was called in."""
+
+    name = "whisper"
+    output_fields = (pa.field("soft", pa.string()),)
+
+    def __init__(self, suffix: str) -> None:
+        self.suffix = suffix
+        self.built_at = time.perf_counter_ns()
+
+    def process(self, work: pa.Table) -> Columns:
+        return {"soft": [loud.lower() + self.suffix for loud in work.column("loud").to_pylist()]}
+
+
+def test_stages_joined_in_one_actor_run_in_turn_and_each_keeps_its_own_chores() -> None:
+    shout = MapStage(fn=Shout, section=lambda job: job.stages.prepare, constructor_kwargs=lambda plan: {})
+    whisper = MapStage(
+        fn=Whisper, section=lambda job: job.stages.model, constructor_kwargs=lambda plan: {"suffix": "!"}
+    )
+    joined = whisper.after([shout])
+    assert joined.fn.__name__ == "Shout+Whisper" and joined.name == "shout+whisper"
+    assert joined.stages == (shout, whisper)
+    actor = joined.fn(**joined.constructor_kwargs(None))
+    shout_stage, whisper_stage = actor.stages
+    # The actor is the last stage's (its section, its clock): built first, so its start is the actor's.
+    assert whisper_stage.built_at < shout_stage.built_at
+    out = actor(batch())
+    # The failed row `Shout` made is passed through `Whisper` untouched; both stamp their busy time.
+    assert out.column("soft").to_pylist() == ["hi!", None, None, "yo!", None]
+    assert out.column("error").to_pylist()[2] == "refused"
+    assert rows.stages_timed(out) == ["read", "shout", "whisper"]
+    assert rows.IMAGE_BYTES not in out.column_names
+
+
+def _job(**prepare: object) -> JobConfig:
+    return JobConfig.model_validate(
+        {
+            "name": "j",
+            "input": {"urls": ["/data/shard-*.tar"]},
+            "output": {"url": "/data/out/"},
+            "model": {"source": "/models/m"},
+            "tasks": {"caption": {}},
+            "stages": {"prepare": prepare},
+        }
+    )
+
+
+def test_prepare_joins_the_model_actors_only_when_the_job_says_so() -> None:
+    assert [stage.name for stage in placed(STAGES, _job())] == ["read", "prepare", "model", "parse"]
+    joined = placed(STAGES, _job(in_model_actors=True))
+    assert [stage.name for stage in joined] == ["read", "prepare+model", "parse"]
+    assert joined[1].fn.__name__ == "PrepareStage+GenerateStage"
+    assert joined[1].section(_job()) is not None and joined[1].stages[1].name == "model"
+
+
+def test_a_stage_that_runs_in_the_next_ones_actors_needs_a_next_one() -> None:
+    last = MapStage(
+        fn=Shout,
+        section=lambda job: job.stages.prepare,
+        constructor_kwargs=lambda plan: {},
+        in_next_stage=lambda j: True,
+    )
+    with pytest.raises(ValueError, match="shout runs in the next stage's actors"):
+        placed([last], _job())
