@@ -76,6 +76,12 @@ def add_arguments(bench: argparse.ArgumentParser) -> None:
         "write_parquet) on the same shards and model, as whole processes, alternated (see --repeats)",
     )
     bench.add_argument("--repeats", type=int, default=3, help="--against-plain: runs of each (default 3; medians)")
+    bench.add_argument(
+        "--prepare-in-model-actors",
+        action="store_true",
+        help="--against-plain: the job prepares inside the model actor (stages.prepare.in_model_actors), as the "
+        "plain script does, instead of in a prepare pool",
+    )
     bench.add_argument("--json", type=Path, dest="json_path", help="write the figures to this JSON file")
     bench.add_argument("--workdir", type=Path, help="where shards and models are generated (default .cache/bench)")
     bench.add_argument(
@@ -158,7 +164,8 @@ def _run_against_plain(args: argparse.Namespace) -> int:
     machine = machine_facts()
     print(
         f"{images} images ({args.image_size} px, {len(shards)} shards), {args.model} model, batch {batch_size}, "
-        f"{args.new_tokens} tokens; {machine['cpus']} CPUs ({machine['cpu_model']})"
+        f"{args.new_tokens} tokens; {machine['cpus']} CPUs ({machine['cpu_model']}); the pipeline prepares "
+        f"{'in the model actor' if args.prepare_in_model_actors else 'in a prepare actor pool'}"
     )
     figures = compare_with_plain(
         model_dir=model_dir,
@@ -168,6 +175,7 @@ def _run_against_plain(args: argparse.Namespace) -> int:
         new_tokens=args.new_tokens,
         workdir=workdir,
         echo=print,
+        prepare_in_model_actors=args.prepare_in_model_actors,
     )
     median = figures["median_seconds"]
     print(

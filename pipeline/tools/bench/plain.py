@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import statistics
 import subprocess
@@ -85,9 +86,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def compare_with_plain(
-    *, model_dir: Path, shards: list[Path], repeats: int, batch_size: int, new_tokens: int, workdir: Path, echo
+    *,
+    model_dir: Path,
+    shards: list[Path],
+    repeats: int,
+    batch_size: int,
+    new_tokens: int,
+    workdir: Path,
+    echo,
+    prepare_in_model_actors: bool = False,
 ) -> dict[str, object]:
-    """`llava-pipeline run` and the plain script as whole processes, alternated, on one local S3 server."""
+    """`llava-pipeline run` and the plain script as whole processes, alternated, on one local S3 server.
+
+    With `prepare_in_model_actors` the job sets `stages.prepare.in_model_actors`, the layout the plain script
+    has (decode, processor and generate in one actor); otherwise it runs the default prepare pool."""
     import yaml
 
     from pipeline.testing.s3_server import local_s3
@@ -96,6 +108,8 @@ def compare_with_plain(
     cpus = os.cpu_count() or 1
     logical = cpus + 3  # the model actor's cores, plus room for a read task, a prepare actor and a parse task
     times: dict[str, list[float]] = {"pipeline": [], "plain": []}
+    # From each pipeline run's summary: when its first row reached the driver and its first shard was committed.
+    firsts: dict[str, list[float]] = {"seconds_to_first_row": [], "seconds_to_first_commit": []}
     with local_s3() as s3:
         fs = s3.filesystem()
         fs.mkdir("plain-vs-pipeline")
@@ -115,7 +129,10 @@ def compare_with_plain(
                         "output": {"url": output},
                         "model": {"source": str(model_dir), "device": "cpu"},
                         "tasks": {"caption": {"prompt": PROMPT, "max_new_tokens": new_tokens}},
-                        "stages": {"model": {"num_cpus": cpus, "num_gpus": 0, "batch_size": batch_size}},
+                        "stages": {
+                            "model": {"num_cpus": cpus, "num_gpus": 0, "batch_size": batch_size},
+                            **({"prepare": {"in_model_actors": True}} if prepare_in_model_actors else {}),
+                        },
                         "ray": {"num_cpus": logical, "progress_bars": False},
                     }
                     job_path = workdir / f"small-job-{repeat}.yaml"
@@ -134,15 +151,27 @@ def compare_with_plain(
                     raise RuntimeError(f"{kind} run failed ({done.returncode}): {done.stderr[-2000:]}")
                 rows = _rows_written(fs, output.removeprefix("s3://"))
                 times[kind].append(round(seconds, 2))
-                echo(f"  {kind:8s} run {repeat + 1}: {seconds:.1f} s, {rows} rows written under {output}")
+                detail = ""
+                if kind == "pipeline":
+                    [summary_path] = fs.glob(f"{output.removeprefix('s3://')}_runs/*.json")
+                    summary = json.loads(fs.cat_file(summary_path))
+                    for name, values in firsts.items():
+                        values.append(summary[name])
+                    detail = (
+                        f" (first row {summary['seconds_to_first_row']:.1f} s, "
+                        f"first commit {summary['seconds_to_first_commit']:.1f} s)"
+                    )
+                echo(f"  {kind:8s} run {repeat + 1}: {seconds:.1f} s{detail}, {rows} rows written under {output}")
                 if rows != images:
                     raise RuntimeError(f"{kind} run wrote {rows} rows, not {images}")
     median = {kind: statistics.median(values) for kind, values in times.items()}
     return {
         "images": images,
+        "pipeline_prepares": "in the model actor" if prepare_in_model_actors else "in a prepare actor pool",
         "repeats": repeats,
         "seconds": times,
         "median_seconds": median,
+        "pipeline_firsts": firsts,
         "pipeline_over_plain": round(median["pipeline"] / median["plain"], 3),
     }
 
