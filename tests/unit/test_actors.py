@@ -13,17 +13,21 @@ from pipeline.config import JobConfig
 STAGES = {"prepare": "PrepareStage", "model": "GenerateStage"}
 
 
-def test_actor_stages_are_the_stages_run_in_actor_pools() -> None:
-    job = JobConfig.model_validate(
+def job(**stages: object) -> JobConfig:
+    return JobConfig.model_validate(
         {
             "name": "j",
             "input": {"urls": ["/data/shard-*.tar"]},
             "output": {"url": "/data/out/"},
             "model": {"source": "/models/m"},
             "tasks": {"caption": {}},
+            "stages": stages,
         }
     )
-    assert actor_stages(job) == STAGES
+
+
+def test_actor_stages_are_the_stages_run_in_actor_pools() -> None:
+    assert actor_stages(job()) == STAGES
 
 
 def test_actors_are_counted_by_the_operator_ray_data_names_them_after() -> None:
@@ -97,17 +101,7 @@ def test_summary_line_shows_each_stage_peak_and_its_steps() -> None:
 
 
 def test_stages_joined_in_one_actor_each_count_its_actors() -> None:
-    job = JobConfig.model_validate(
-        {
-            "name": "j",
-            "input": {"urls": ["/data/shard-*.tar"]},
-            "output": {"url": "/data/out/"},
-            "model": {"source": "/models/m"},
-            "tasks": {"caption": {}},
-            "stages": {"prepare": {"in_model_actors": True}},
-        }
-    )
-    stages = actor_stages(job)
+    stages = actor_stages(job(prepare={"in_model_actors": True}))
     assert stages == {"prepare": "PrepareStage+GenerateStage", "model": "PrepareStage+GenerateStage"}
     names = ["MapWorker(MapBatches(PrepareStage+GenerateStage))"] * 2
     assert count_by_stage(names, stages) == {"prepare": 2, "model": 2}
