@@ -7,27 +7,14 @@ from __future__ import annotations
 import logging
 import time
 
+from jobs import minimal_job
 from pipeline.actors import ActorSampler, actor_stages, count_by_stage, peak, render_actors
-from pipeline.config import JobConfig
 
 STAGES = {"prepare": "PrepareStage", "model": "GenerateStage"}
 
 
-def job(**stages: object) -> JobConfig:
-    return JobConfig.model_validate(
-        {
-            "name": "j",
-            "input": {"urls": ["/data/shard-*.tar"]},
-            "output": {"url": "/data/out/"},
-            "model": {"source": "/models/m"},
-            "tasks": {"caption": {}},
-            "stages": stages,
-        }
-    )
-
-
 def test_actor_stages_are_the_stages_run_in_actor_pools() -> None:
-    assert actor_stages(job()) == STAGES
+    assert actor_stages(minimal_job()) == STAGES
 
 
 def test_actors_are_counted_by_the_operator_ray_data_names_them_after() -> None:
@@ -101,7 +88,7 @@ def test_summary_line_shows_each_stage_peak_and_its_steps() -> None:
 
 
 def test_stages_joined_in_one_actor_each_count_its_actors() -> None:
-    stages = actor_stages(job(prepare={"in_model_actors": True}))
+    stages = actor_stages(minimal_job(prepare={"in_model_actors": True}))
     assert stages == {"prepare": "PrepareStage+GenerateStage", "model": "PrepareStage+GenerateStage"}
     names = ["MapWorker(MapBatches(PrepareStage+GenerateStage))"] * 2
     assert count_by_stage(names, stages) == {"prepare": 2, "model": 2}

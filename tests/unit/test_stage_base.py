@@ -7,8 +7,9 @@ import time
 import pyarrow as pa
 import pytest
 
+from jobs import minimal_job
 from pipeline import rows
-from pipeline.config import ActorStageConfig, JobConfig, StagesConfig, TaskStageConfig
+from pipeline.config import ActorStageConfig, StagesConfig, TaskStageConfig
 from pipeline.stages import STAGES
 from pipeline.stages.base import Columns, MapStage, RowStage, placed, task_function
 
@@ -133,25 +134,12 @@ def test_stages_joined_in_one_actor_run_in_turn_and_each_keeps_its_own_chores() 
     assert rows.IMAGE_BYTES not in out.column_names
 
 
-def _job(**prepare: object) -> JobConfig:
-    return JobConfig.model_validate(
-        {
-            "name": "j",
-            "input": {"urls": ["/data/shard-*.tar"]},
-            "output": {"url": "/data/out/"},
-            "model": {"source": "/models/m"},
-            "tasks": {"caption": {}},
-            "stages": {"prepare": prepare},
-        }
-    )
-
-
 def test_prepare_joins_the_model_actors_only_when_the_job_says_so() -> None:
-    assert [stage.name for stage in placed(STAGES, _job())] == ["read", "prepare", "model", "parse"]
-    joined = placed(STAGES, _job(in_model_actors=True))
+    assert [stage.name for stage in placed(STAGES, minimal_job())] == ["read", "prepare", "model", "parse"]
+    joined = placed(STAGES, minimal_job(prepare={"in_model_actors": True}))
     assert [stage.name for stage in joined] == ["read", "prepare+model", "parse"]
     assert joined[1].fn.__name__ == "PrepareStage+GenerateStage"
-    assert joined[1].section(_job()) is not None and joined[1].stages[1].name == "model"
+    assert joined[1].section(minimal_job()) is not None and joined[1].stages[1].name == "model"
 
 
 def test_a_stage_that_runs_in_the_next_ones_actors_needs_a_next_one() -> None:
@@ -162,4 +150,4 @@ def test_a_stage_that_runs_in_the_next_ones_actors_needs_a_next_one() -> None:
         in_next_stage=lambda j: True,
     )
     with pytest.raises(ValueError, match="shout runs in the next stage's actors"):
-        placed([last], _job())
+        placed([last], minimal_job())
