@@ -211,8 +211,8 @@ class StagesInOneActor:
     def __init__(self, parts: list[tuple[type[RowStage], dict[str, object]]]):
         # The last stage, whose section the actor runs under, is built first: the actor is its, so its clock
         # (a model actor's cost runs from its start, imports and load included) starts with the actor.
-        built = {index: fn(**kwargs) for index, (fn, kwargs) in reversed(list(enumerate(parts)))}
-        self.stages = [built[index] for index in range(len(parts))]
+        built_last_first = [fn(**kwargs) for fn, kwargs in reversed(parts)]
+        self.stages = built_last_first[::-1]
 
     def __call__(self, table: pa.Table) -> pa.Table:
         for stage in self.stages:

@@ -142,9 +142,19 @@ class BackgroundScenario:
 
     @classmethod
     def start(cls, command: list[str], environment: dict[str, str], **details: object) -> "BackgroundScenario":
+        """`command` with this process's environment, less what would reach another cluster (RAY_ADDRESS) or
+        another test's fault rules, plus `environment`."""
+        from pipeline import faults
+
+        inherited = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", faults.ENV)}
         # In a session of its own: stopping it takes the cluster's processes too (killpg), not only the driver.
         process = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment, start_new_session=True
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**inherited, **environment},
+            start_new_session=True,
         )
         return cls(process, details)
 

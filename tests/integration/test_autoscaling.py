@@ -20,7 +20,6 @@ checks what it did. It reads and writes local files, as it starts before the ses
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -188,16 +187,13 @@ def start_autoscaling_scenario(workdir: Path) -> BackgroundScenario:
         "state_dir": str(workdir / "faults"),
         "rules": {"model.batch": {"action": "delay", "seconds": 5, "times": -1, "until_file": str(release)}},
     }
-    environment = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", faults.ENV)}
-    environment.update(
-        {
-            faults.ENV: json.dumps(slow_model),
-            "RAY_FAKE_CLUSTER": "1",  # the fake multi-node provider runs only when asked for by this
-            "AUTOSCALER_UPDATE_INTERVAL_S": "1",  # the autoscaler looks every second instead of every 5
-            # Ray Data asks the autoscaler for more every 2 seconds instead of every 10.
-            "RAY_DATA_MIN_GAP_BETWEEN_AUTOSCALING_REQUESTS": "2",
-        }
-    )
+    environment = {
+        faults.ENV: json.dumps(slow_model),
+        "RAY_FAKE_CLUSTER": "1",  # the fake multi-node provider runs only when asked for by this
+        "AUTOSCALER_UPDATE_INTERVAL_S": "1",  # the autoscaler looks every second instead of every 5
+        # Ray Data asks the autoscaler for more every 2 seconds instead of every 10.
+        "RAY_DATA_MIN_GAP_BETWEEN_AUTOSCALING_REQUESTS": "2",
+    }
     arguments = [json.dumps(job), json.dumps(CLUSTER), str(workdir / "autoscaling.json"), str(release)]
     return BackgroundScenario.start(
         [sys.executable, "-c", AUTOSCALING_SCRIPT, *arguments], environment, shards=local, out=out
