@@ -398,8 +398,9 @@ class ReadStageConfig(StrictModel):
     rows_per_block: int = Field(
         64,
         ge=1,
-        description="Most samples per block handed downstream (blocks also end at `ray.target_max_block_mb`); "
-        "smaller blocks start the model sooner.",
+        description="Most samples a read task gathers before handing them to Ray Data. Ray Data joins what a read "
+        "task hands on into blocks of up to `ray.target_max_block_mb`, so a shard of small images travels as one "
+        "block whatever this says; it bounds the read task's own batches.",
     )
 
     @property

@@ -66,6 +66,14 @@ def load_processor(model_dir: str, config: ModelConfig):
     return processor
 
 
+def render_every_prompt(model_dir: str, config: ModelConfig, instructions: Sequence[str]) -> None:
+    """The plan's check that a checkpoint's processor loads and its chat template renders each instruction
+    with the image (a ConfigError naming the field if not)."""
+    builder = InputBuilder(load_processor(model_dir, config))
+    for instruction in instructions:
+        builder.render(instruction)
+
+
 @dataclass(frozen=True)
 class ModelInputs:
     """One image's model inputs: the image processor's arrays (batch axis removed) and every prompt's token ids."""

@@ -5,20 +5,22 @@ loads its processor and renders every prompt through its chat template, and read
 vocabulary, cheapest checks first (transformers is imported only once the shards and the output
 are known to be there). A ConfigError from here means nothing was started or written.
 
-The processor checks cost seconds of CPU, mostly importing transformers. A run (`background_checks`)
-does them on a thread while it starts Ray, and waits for them (`Plan.confirm_checks`) before it starts
-any stage or writes anything: a bad prompt still stops the run before any work, without making every
-good run wait for the import and Ray's start one after the other. `check_cluster_fits` runs once a
-cluster is joined, before any stage starts.
+The processor checks cost seconds of CPU, mostly importing torch and transformers. A run
+(`background_checks`) does them in a process of their own while it starts Ray, and waits for them
+(`Plan.confirm_checks`) before it starts any stage or writes anything: a bad prompt still stops the run
+before any work, without making every good run wait for the import and Ray's start one after the other.
+In a process, the import neither holds the driver's interpreter lock while Ray starts nor stays loaded in
+the driver (hundreds of MiB, and seconds of interpreter teardown at exit). `check_cluster_fits` runs once
+a cluster is joined, before any stage starts.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import secrets
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable
@@ -26,7 +28,7 @@ from typing import Callable
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline import integrity
+from pipeline import integrity, processor_checks
 from pipeline.config import JobConfig, StorageConfig
 from pipeline.errors import ConfigError
 from pipeline.layout import OutputLayout
@@ -54,8 +56,8 @@ class Plan:
     repaired: dict[str, str] = field(default_factory=dict)
     # retry-failed: per shard URL, the keys of the samples to process again
     selection: dict[str, frozenset[str]] | None = None
-    # the processor checks still running on a thread (`background_checks`); None once done or when there were none
-    pending_checks: Future | None = field(default=None, repr=False, compare=False)
+    # the processor checks still running in their own process (`background_checks`); None when there were none
+    pending_checks: processor_checks.RunningChecks | None = field(default=None, repr=False, compare=False)
 
     def confirm_checks(self) -> None:
         """Wait for the processor checks started with the plan; their ConfigError, if any, is raised here."""
@@ -81,7 +83,8 @@ def plan_job(
     """Every check that needs no Ray; a ConfigError here means nothing was started or written.
 
     `read_only` (for `validate`) checks that the output location exists instead of writing a probe.
-    `background_checks`: the processor checks go on on a thread; the run confirms them before any work.
+    `background_checks`: the processor checks go on in a process of their own; the run confirms them before any
+    work.
     """
     sources = _Sources.of(job)
     shards = with_retries(
@@ -179,9 +182,9 @@ class _Sources:
         if shards:
             self.output.check_writable(write_probe=write_probe)
             # Every checkpoint is found now (a missing one is a ConfigError here); their processors load after.
-            loads = [_prompt_check(job, self.model), _embed_model_check(job)]
+            loads = [check for check in (_prompt_check(job, self.model), _embed_model_check(job)) if check]
             vocabulary = _load_vocabulary(job, self.input_storage)
-            pending = _start_checks(loads) if background_checks else _run_checks(loads)
+            pending = processor_checks.start(loads) if background_checks else _run_checks(loads)
         return Plan(
             job=job,
             run_id=run_id or new_run_id(),
@@ -210,35 +213,24 @@ def _failed_keys(output: OutputLayout, name: str, reasons: frozenset[str] | None
     return failed.column("key").to_pylist()
 
 
-def _run_checks(loads: list[Callable[[], None]]) -> None:
+def _run_checks(loads: list[Callable[[], object]]) -> None:
     for load in loads:
         load()
 
 
-def _start_checks(loads: list[Callable[[], None]]) -> Future:
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="plan-checks")
-    try:
-        return executor.submit(_run_checks, loads)
-    finally:
-        executor.shutdown(wait=False)
+def _prompt_check(job: JobConfig, model: ModelSource) -> Callable[[], object]:
+    """Finds the checkpoint's processor files now; what it returns (picklable, for the checks' process) renders
+    every job-level prompt through the checkpoint's own chat template."""
+    from pipeline.inputs import render_every_prompt
 
-
-def _prompt_check(job: JobConfig, model: ModelSource) -> Callable[[], None]:
-    """Finds the checkpoint's processor files now; what it returns renders every job-level prompt through the
-    checkpoint's own chat template."""
     directory = local_model_dir(model, files="processor")
-
-    def render_every_prompt() -> None:
-        from pipeline.inputs import InputBuilder, load_processor  # transformers: only once the cheap checks passed
-
-        builder = InputBuilder(load_processor(directory, job.model))
-        for prompt in prompts_for(job.tasks, list(job.tasks.vqa.questions) if job.tasks.vqa else []):
-            builder.render(prompt.instruction)
-
-    return render_every_prompt
+    instructions = [
+        p.instruction for p in prompts_for(job.tasks, list(job.tasks.vqa.questions) if job.tasks.vqa else [])
+    ]
+    return functools.partial(render_every_prompt, directory, job.model, instructions)
 
 
-def _embed_model_check(job: JobConfig) -> Callable[[], None]:
+def _embed_model_check(job: JobConfig) -> Callable[[], object] | None:
     """Finds the embedding checkpoints now (`embed:`); what it returns loads their processor files."""
     from pipeline.stages.embed import check_embed_models
 

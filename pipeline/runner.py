@@ -53,19 +53,24 @@ def connect_ray(job: JobConfig) -> bool:
     """Join the configured cluster or start a local one; True when this call started Ray."""
     if ray.is_initialized():
         return False
-    runtime_env = {
-        "env_vars": {
-            "TRANSFORMERS_VERBOSITY": "error",
-            "TOKENIZERS_PARALLELISM": "false",
-            **faults.forwarded_environment(),
-        }
+    # What every worker's environment needs: quiet transformers logs, no tokenizer thread pools, and the driver's
+    # fault plan (a drill; `pipeline.faults`).
+    worker_env = {
+        "TRANSFORMERS_VERBOSITY": "error",
+        "TOKENIZERS_PARALLELISM": "false",
+        **faults.forwarded_environment(),
     }
     address = job.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
         log.info("joining Ray cluster at %s", address)
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
-    else:
-        log.info("starting a local Ray")
+        ray.init(address=address, runtime_env={"env_vars": worker_env}, log_to_driver=True)
+        return True
+    log.info("starting a local Ray")
+    # A Ray started here gives its workers the environment of this process as it was at the start. Set for the
+    # start only, the variables reach every worker without a job runtime_env, which would make Ray start fresh
+    # workers for this job instead of handing it the ones it prestarted: about a second more before the first
+    # read task and again before the model actor.
+    with _environment(worker_env):
         ray.init(
             address="local",  # a new one, even where another Ray runs on this machine (ray.init would join it)
             num_cpus=job.ray.num_cpus,
@@ -74,10 +79,24 @@ def connect_ray(job: JobConfig) -> bool:
             if job.ray.object_store_memory_mb
             else None,
             include_dashboard=False,
-            runtime_env=runtime_env,
             log_to_driver=True,
         )
     return True
+
+
+@contextmanager
+def _environment(variables: dict[str, str]) -> Iterator[None]:
+    """`variables` set in this process's environment inside the block, as they were after it."""
+    before = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def build_dataset(plan: Plan, stages: Sequence = STAGES):
@@ -91,6 +110,15 @@ def build_dataset(plan: Plan, stages: Sequence = STAGES):
             # Set on the source's dataset, which every later stage's dataset copies: this job's blocks only.
             dataset.context.target_max_block_size = _block_bytes(plan.job)
     return dataset
+
+
+def blocks_as_they_come(dataset) -> Iterator:
+    """The dataset's output blocks (Arrow tables), each handed over as soon as it exists.
+
+    `prefetch_batches=0`: with Ray Data's default of 1 and no batch size, the iterator holds each block back
+    until the next one is produced, so the driver would see every shard's rows one model call late (the first
+    row, the first commit, each commit after it)."""
+    return dataset.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0)
 
 
 def _block_bytes(job: JobConfig) -> int:
@@ -133,7 +161,7 @@ def _stream(
             pending = [r.shard for r in committer.unfinished()]
             try:
                 dataset = build_dataset(dataclasses.replace(plan, shards=pending), stages)
-                for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+                for batch in blocks_as_they_come(dataset):
                     faults.inject("driver.rows")
                     arrived = time.perf_counter()
                     admitted = committer.admit(batch)

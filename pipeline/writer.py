@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -54,6 +55,7 @@ class ShardResult:
     duplicates: int = 0
     output_path: str | None = None
     finished: bool = False
+    committed_at: float | None = None  # time.monotonic() when its marker was in place, on the commit's thread
     rows_written: int = 0
     rows_replaced: int = 0
     # What the committed file's `llava_pipeline.embeddings` says: column -> {model, dimension}
@@ -220,6 +222,7 @@ class ShardCommitter:
         faults.inject("driver.commit")
         committed = self.layout.publish(staged, name)
         self.layout.write_marker(name, self._marker(result, committed, table))
+        result.committed_at = time.monotonic()
         faults.inject("driver.committed")
         try:
             self.layout.discard(staged.path)

@@ -16,6 +16,7 @@ Checkpoints are fetched once per node (`pipeline.model_source`) and loaded once 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Sequence
 
@@ -25,7 +26,7 @@ import pyarrow.compute as pc
 
 from pipeline import rows
 from pipeline.config import EmbedConfig, EmbedModelConfig, JobConfig
-from pipeline.inputs import unpack_arrays
+from pipeline.inputs import load_image_processor, unpack_arrays
 from pipeline.model_source import ModelSource, local_model_dir
 from pipeline.stages.base import Columns, MapStage, RowStage, isolate_failures
 from pipeline.storage import resolve_storage
@@ -82,25 +83,19 @@ class EmbedSources:
         return cls(image_text=source("image_text_model"), text=source("text_model"))
 
 
-def check_embed_models(job: JobConfig) -> Callable[[], None]:
+def check_embed_models(job: JobConfig) -> Callable[[], object] | None:
     """Before a run: each embedding checkpoint is there (a ConfigError naming the field if not); what it returns
-    checks that the image-text model's processor files load (transformers). Only processor files are fetched
-    here; weights load in the actors."""
+    (picklable, for the plan's checks process) checks that the image-text model's processor files load
+    (transformers). Only processor files are fetched here; weights load in the actors. None: nothing to load."""
     sources = EmbedSources.of(job)
     if sources is None:
-        return lambda: None
-    image_text = sources.image_text
-    image_dir = local_model_dir(image_text, files="processor") if image_text is not None else None
+        return None
+    image_dir = local_model_dir(sources.image_text, files="processor") if sources.image_text is not None else None
     if sources.text is not None:
         local_model_dir(sources.text, files="processor")
-
-    def load_processor_files() -> None:
-        if image_text is not None and image_dir is not None:
-            from pipeline.inputs import load_image_processor
-
-            load_image_processor(image_dir, image_text.field)
-
-    return load_processor_files
+    if sources.image_text is None or image_dir is None:
+        return None
+    return functools.partial(load_image_processor, image_dir, sources.image_text.field)
 
 
 def _device_and_dtype(config: EmbedModelConfig, field: str) -> tuple[str, str]:

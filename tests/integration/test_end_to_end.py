@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -151,3 +152,32 @@ def test_run_summary_is_written_next_to_the_outputs(s3, local_model_run):
     assert summary["images_per_second"] > 0
     assert list(summary["stages"]) == ["read", "prepare", "model", "parse"]
     assert summary["stages"]["model"]["busy_seconds"] > 0
+
+
+def test_each_block_reaches_the_driver_before_the_next_one_exists(ray_address, tmp_path):
+    """The driver admits (and can commit) a shard's rows as soon as their block exists: the second block's task
+    waits until the driver has seen the first, which Ray Data's default prefetching of one block would never
+    let happen."""
+    import ray.data
+
+    from pipeline.runner import blocks_as_they_come
+
+    seen = tmp_path / "first-block-seen"
+
+    def second_waits_for_the_driver(table):
+        if table["id"][0].as_py() == 1:
+            deadline = time.monotonic() + 20
+            while not seen.exists():
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the driver had not received the first block 20 s after it was produced")
+                time.sleep(0.05)
+        return table
+
+    dataset = ray.data.range(2, override_num_blocks=2).map_batches(
+        second_waits_for_the_driver, batch_format="pyarrow", batch_size=None
+    )
+    received = []
+    for block in blocks_as_they_come(dataset):
+        received.extend(block["id"].to_pylist())
+        seen.touch()
+    assert sorted(received) == [0, 1]

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import subprocess
+import sys
 from collections import Counter
 
 from support import base_job, read_local_output, run_cli
@@ -68,3 +71,30 @@ def test_demo_command_runs_s3_to_s3_and_prints_rows(capsys, ray_address, tmp_pat
         first_hit = search.splitlines()[1]
         assert first_hit.strip().startswith("1. ") and first_hit.endswith("ok"), search
     assert searches[2].splitlines()[1].strip().startswith("1. img0")
+
+
+def test_a_local_ray_gives_its_workers_the_run_environment_and_leaves_the_driver_as_it_was():
+    """`connect_ray` starting a Ray of its own: its workers see the run's variables without a job runtime_env
+    (which would keep the workers Ray prestarted from this job), and the driver's own environment is unchanged."""
+    script = """
+import json, os, ray
+from pipeline.config import JobConfig
+from pipeline.runner import connect_ray
+
+names = ("TRANSFORMERS_VERBOSITY", "TOKENIZERS_PARALLELISM")
+job = JobConfig.model_validate({"name": "j", "input": {"urls": ["/d/*.tar"]}, "output": {"url": "/d/out/"},
+                                "model": {"source": "/m"}, "tasks": {"caption": {}}, "ray": {"num_cpus": 1}})
+assert connect_ray(job)
+workers = ray.get(ray.remote(lambda: {n: os.environ.get(n) for n in names}).remote())
+print("ENV " + json.dumps({"workers": workers, "driver": {n: os.environ.get(n) for n in names},
+                           "job_runtime_env": ray.get_runtime_context().runtime_env}))
+ray.shutdown()
+"""
+    environment = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "TRANSFORMERS_VERBOSITY")}
+    environment["TOKENIZERS_PARALLELISM"] = "true"  # the driver's own setting, which its workers do not take
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=environment)
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(done.stdout.rpartition("ENV ")[2])
+    assert found["workers"] == {"TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}
+    assert found["driver"] == {"TRANSFORMERS_VERBOSITY": None, "TOKENIZERS_PARALLELISM": "true"}
+    assert not found["job_runtime_env"].get("env_vars")

@@ -18,8 +18,10 @@ from pipeline.accounting import Usage, cost_summary, render_usage, token_summary
 from pipeline.generator import Generator
 from pipeline.metrics import SPECS, StageMetrics
 from pipeline.report import rate_series, render_report
+from pipeline.shards import Shard
 from pipeline.stages.generate import TASK_TOKENS_TYPE
 from pipeline.summary import RunStats
+from pipeline.writer import ShardResult
 
 ROOT = Path(__file__).parents[2]
 T0 = datetime(2026, 12, 1, 2, 0, tzinfo=timezone.utc)
@@ -125,6 +127,20 @@ def test_run_stats_keep_a_timeline_shard_seconds_and_a_recent_rate():
     stats.samples = 500
     assert stats.recent_rate(30.0, now=150.0) == pytest.approx((500 - 200) / 30)  # window 20..50 s
     assert stats.recent_rate(100.0, now=150.0) == pytest.approx(500 / 50)  # the whole run so far
+
+
+def test_first_commit_is_when_its_thread_put_the_marker_in_place_not_when_the_driver_noticed():
+    """The driver learns of a finished commit only at its next batch, which may come one model call later."""
+    stats = RunStats(started=100.0)
+    failed = ShardResult(Shard("s://f.tar", "f"), finished=True)  # no file, no marker: not a commit
+    stats.observe_commits([failed])
+    assert stats.first_commit_seconds is None
+    later, earlier = (
+        ShardResult(Shard(f"s://{n}.tar", n), finished=True, committed_at=t) for n, t in (("b", 109.0), ("a", 104.5))
+    )
+    stats.observe_commits([later, earlier])
+    stats.observe_commits([ShardResult(Shard("s://c.tar", "c"), finished=True, committed_at=103.0)])  # noticed later
+    assert stats.first_commit_seconds == 4.5
 
 
 def summary(**overrides) -> dict:

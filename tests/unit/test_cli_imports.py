@@ -96,3 +96,33 @@ print(err.getvalue())
     output, modules = _run_fresh(script)
     assert "shard-*.tar" in output and "input.urls" in output
     assert _loaded(modules, "ray", "torch", "transformers", *OFF_THE_RUN_PATH) == []
+
+
+def test_a_run_checks_its_processors_in_another_process_so_the_driver_never_loads_torch(tmp_path):
+    """`plan_job(background_checks=True)` (what `run` does) loads the processors, LLaVA's and CLIP's, in a process
+    of its own: the driver stays free of transformers and torch (their memory, their seconds of teardown)."""
+    from pipeline.testing.shards import write_shards
+
+    models = Path(__file__).resolve().parents[2] / "models"
+    write_shards(tmp_path / "shards", shards=1, samples_per_shard=1)
+    job = {
+        "name": "checks",
+        "input": {"urls": [str(tmp_path / "shards" / "shard-00000.tar")]},
+        "output": {"url": str(tmp_path / "out")},
+        "model": {"source": str(models / "tiny-llava-shapes"), "device": "cpu"},
+        "tasks": {"caption": {}, "vqa": {"questions": ["What colour is the background?"]}},
+        "embed": {"image_text_model": {"source": str(models / "tiny-clip-shapes"), "device": "cpu"}},
+    }
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    script = f"""
+from pipeline.jobfile import load_job
+from pipeline.plan import plan_job
+plan = plan_job(load_job({str(path)!r}), background_checks=True)
+plan.confirm_checks()
+print('CHECKED', plan.pending_checks.process.returncode)
+"""
+    output, modules = _run_fresh(script)
+    assert "CHECKED 0" in output
+    assert "pipeline.inputs" in modules  # the driver named the checks ...
+    assert _loaded(modules, "torch", "transformers") == []  # ... which ran elsewhere

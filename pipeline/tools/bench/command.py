@@ -80,7 +80,7 @@ def add_arguments(bench: argparse.ArgumentParser) -> None:
         "--prepare-in-model-actors",
         action="store_true",
         help="--against-plain: the job prepares inside the model actor (stages.prepare.in_model_actors), as the "
-        "plain script does, instead of in a prepare pool, with read blocks of one model batch",
+        "plain script does, instead of in a prepare pool",
     )
     bench.add_argument("--json", type=Path, dest="json_path", help="write the figures to this JSON file")
     bench.add_argument("--workdir", type=Path, help="where shards and models are generated (default .cache/bench)")

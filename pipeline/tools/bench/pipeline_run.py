@@ -38,9 +38,7 @@ def bench_job(options: BenchOptions, model_dir: Path, prefix: str, model_cpus: f
             },
             "tasks": tasks.model_dump(exclude_none=True),
             "stages": {
-                # Blocks of one model batch: outputs reach the driver batch by batch, so the first row comes
-                # early and the steady-state window (first to last output) is measured at batch resolution.
-                "read": {"num_cpus": 0.5, "rows_per_block": options.batch_size},
+                "read": {"num_cpus": 0.5},
                 "prepare": {"concurrency": prepare_actors, "num_cpus": 1, "batch_size": 16},
                 "model": {
                     "concurrency": 1,

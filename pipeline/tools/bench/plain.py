@@ -99,8 +99,7 @@ def compare_with_plain(
     """`llava-pipeline run` and the plain script as whole processes, alternated, on one local S3 server.
 
     With `prepare_in_model_actors` the job sets `stages.prepare.in_model_actors`, the layout the plain script
-    has (decode, processor and generate in one actor), and read blocks of one model batch
-    (`stages.read.rows_per_block`); otherwise it runs the default prepare pool and blocks."""
+    has (decode, processor and generate in one actor); otherwise it runs the default prepare pool."""
     import yaml
 
     from pipeline.testing.s3_server import local_s3
@@ -132,13 +131,7 @@ def compare_with_plain(
                         "tasks": {"caption": {"prompt": PROMPT, "max_new_tokens": new_tokens}},
                         "stages": {
                             "model": {"num_cpus": cpus, "num_gpus": 0, "batch_size": batch_size},
-                            # A small job's settings: blocks of one model batch, so the first rows leave the
-                            # model actor (and a shard is committed) after one batch, not after a whole shard.
-                            **(
-                                {"prepare": {"in_model_actors": True}, "read": {"rows_per_block": batch_size}}
-                                if prepare_in_model_actors
-                                else {}
-                            ),
+                            **({"prepare": {"in_model_actors": True}} if prepare_in_model_actors else {}),
                         },
                         "ray": {"num_cpus": logical, "progress_bars": False},
                     }
