@@ -24,6 +24,7 @@ import ray.data
 from pipeline import faults, metrics, rows
 from pipeline.actors import ActorSampler, actor_stages
 from pipeline.config import JobConfig
+from pipeline.environment import variables_set
 from pipeline.errors import PipelineError
 from pipeline.layout import OutputLayout
 from pipeline.lease import OutputLease, output_lease
@@ -70,7 +71,7 @@ def connect_ray(job: JobConfig) -> bool:
     # start only, the variables reach every worker without a job runtime_env, which would make Ray start fresh
     # workers for this job instead of handing it the ones it prestarted: about a second more before the first
     # read task and again before the model actor.
-    with _environment(worker_env):
+    with variables_set(worker_env):
         ray.init(
             address="local",  # a new one, even where another Ray runs on this machine (ray.init would join it)
             num_cpus=job.ray.num_cpus,
@@ -82,21 +83,6 @@ def connect_ray(job: JobConfig) -> bool:
             log_to_driver=True,
         )
     return True
-
-
-@contextmanager
-def _environment(variables: dict[str, str]) -> Iterator[None]:
-    """`variables` set in this process's environment inside the block, as they were after it."""
-    before = {name: os.environ.get(name) for name in variables}
-    os.environ.update(variables)
-    try:
-        yield
-    finally:
-        for name, value in before.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def build_dataset(plan: Plan, stages: Sequence = STAGES):

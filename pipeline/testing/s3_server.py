@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
+from pipeline.environment import variables_set
+
 # moto accepts any credentials; botocore needs some to sign requests.
 TEST_CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -42,17 +44,8 @@ class LocalS3:
     @contextmanager
     def as_environment(self) -> Iterator[None]:
         """Point this process (and a local Ray started inside) at the server, then put the variables back."""
-        values = self.environment()
-        saved = {key: os.environ.get(key) for key in values}
-        os.environ.update(values)
-        try:
+        with variables_set(self.environment()):
             yield
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
 
     def filesystem(self):
         import s3fs
