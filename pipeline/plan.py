@@ -232,6 +232,8 @@ def _prompt_check(job: JobConfig, model: ModelSource) -> Callable[[], object]:
 
 def _embed_model_check(job: JobConfig) -> Callable[[], object] | None:
     """Finds the embedding checkpoints now (`embed:`); what it returns loads their processor files."""
+    if job.embed is None:
+        return None  # without importing the stages, and Ray Data with them, before the checks' process starts
     from pipeline.stages.embed import check_embed_models
 
     return check_embed_models(job)
