@@ -90,12 +90,13 @@ def check_embed_models(job: JobConfig) -> Callable[[], object] | None:
     sources = EmbedSources.of(job)
     if sources is None:
         return None
-    image_dir = local_model_dir(sources.image_text, files="processor") if sources.image_text is not None else None
+    load = None
+    if sources.image_text is not None:
+        image_dir = local_model_dir(sources.image_text, files="processor")
+        load = functools.partial(load_image_processor, image_dir, sources.image_text.field)
     if sources.text is not None:
         local_model_dir(sources.text, files="processor")
-    if sources.image_text is None or image_dir is None:
-        return None
-    return functools.partial(load_image_processor, image_dir, sources.image_text.field)
+    return load
 
 
 def _device_and_dtype(config: EmbedModelConfig, field: str) -> tuple[str, str]:

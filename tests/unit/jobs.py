@@ -5,8 +5,9 @@ from __future__ import annotations
 from pipeline.config import JobConfig
 
 
-def minimal_job(**stages: object) -> JobConfig:
-    """A captioning job on local paths, with `stages:` sections as given (e.g. `prepare={"in_model_actors": True}`)."""
+def minimal_job(*, failures: dict[str, object] | None = None, **stages: object) -> JobConfig:
+    """A captioning job on local paths, with `stages:` sections as given (e.g. `prepare={"in_model_actors": True}`)
+    and `failures:` limits."""
     return JobConfig.model_validate(
         {
             "name": "j",
@@ -15,5 +16,6 @@ def minimal_job(**stages: object) -> JobConfig:
             "model": {"source": "/models/m"},
             "tasks": {"caption": {}},
             "stages": stages,
+            "failures": failures or {},
         }
     )

@@ -6,37 +6,25 @@ import logging
 
 import pytest
 
+from jobs import minimal_job
 from pipeline.errors import ConfigError
 from pipeline.jobfile import parse_job
 from pipeline.plan import check_cluster_fits
 
 
-def job(**stages):
-    return parse_job(
-        {
-            "name": "fit",
-            "input": {"urls": ["s3://b/s.tar"]},
-            "output": {"url": "s3://b/out"},
-            "model": {"source": "m"},
-            "tasks": {"caption": {}},
-            "stages": stages,
-        }
-    )
-
-
 def test_default_stages_need_three_and_a_quarter_cpus_and_a_gpu():
     # a read task (1), one prepare actor (1), one model actor (1) and a parse task (0.25)
-    check_cluster_fits(job(), {"CPU": 3.25, "GPU": 1}, local=True)
+    check_cluster_fits(minimal_job(), {"CPU": 3.25, "GPU": 1}, local=True)
     with pytest.raises(ConfigError, match="need 3.25 CPUs .* cluster has 3"):
-        check_cluster_fits(job(), {"CPU": 3, "GPU": 1}, local=True)
+        check_cluster_fits(minimal_job(), {"CPU": 3, "GPU": 1}, local=True)
     with pytest.raises(ConfigError, match="need 3.25 CPUs .* cluster has 2"):
-        check_cluster_fits(job(), {"CPU": 2, "GPU": 1}, local=True)
+        check_cluster_fits(minimal_job(), {"CPU": 2, "GPU": 1}, local=True)
     with pytest.raises(ConfigError, match="stages.model.num_gpus is 1 per model actor but the cluster has 0 GPU"):
-        check_cluster_fits(job(), {"CPU": 8}, local=True)
+        check_cluster_fits(minimal_job(), {"CPU": 8}, local=True)
 
 
 def test_minimum_pool_sizes_count_not_maximums():
-    fitting = job(
+    fitting = minimal_job(
         prepare={"concurrency": [2, 32], "num_cpus": 1}, model={"concurrency": [1, 8], "num_gpus": 0, "num_cpus": 2}
     )
     check_cluster_fits(fitting, {"CPU": 5.25}, local=True)
@@ -45,7 +33,7 @@ def test_minimum_pool_sizes_count_not_maximums():
 
 
 def test_fractional_requests_fit_a_small_machine():
-    small = job(
+    small = minimal_job(
         read={"num_cpus": 0.25}, prepare={"concurrency": 1, "num_cpus": 0.5}, model={"num_gpus": 0, "num_cpus": 1}
     )
     check_cluster_fits(small, {"CPU": 2}, local=True)
@@ -53,7 +41,7 @@ def test_fractional_requests_fit_a_small_machine():
 
 def test_remote_clusters_only_warn_because_they_may_autoscale(caplog):
     with caplog.at_level(logging.WARNING, logger="pipeline.runner"):
-        check_cluster_fits(job(), {"CPU": 2}, local=False)
+        check_cluster_fits(minimal_job(), {"CPU": 2}, local=False)
     assert "GPU" in caplog.text and "need 3.25 CPUs" in caplog.text
 
 

@@ -10,27 +10,15 @@ from pathlib import Path
 import pytest
 from ray.exceptions import ActorDiedError, ActorUnavailableError, NodeDiedError
 
+from jobs import minimal_job
 from pipeline import faults, rows
-from pipeline.config import InputConfig, JobConfig, ReadStageConfig, StorageConfig
+from pipeline.config import InputConfig, ReadStageConfig, StorageConfig
 from pipeline.runner import _failure_limits_breached, is_cluster_fault
 from pipeline.shards import Shard
 from pipeline.stages.read import ShardReader, read_shard
 from pipeline.summary import RunStats
 from pipeline.testing.shards import write_shard
 from pipeline.writer import ShardResult
-
-
-def job(**failures: object) -> JobConfig:
-    return JobConfig.model_validate(
-        {
-            "name": "limits",
-            "input": {"urls": ["/data/shard-*.tar"]},
-            "output": {"url": "/data/out/"},
-            "model": {"source": "/models/m"},
-            "tasks": {"caption": {}},
-            "failures": failures,
-        }
-    )
 
 
 def stats(samples: int, failed: dict[str, int]) -> RunStats:
@@ -44,20 +32,22 @@ def shard(status: str, name: str = "s") -> ShardResult:
 
 
 def test_defaults_allow_no_broken_shard_and_five_percent_failed_samples() -> None:
-    assert _failure_limits_breached(job(), stats(100, {"corrupt_image": 5}), [shard("ok")]) is None
-    too_many = _failure_limits_breached(job(), stats(100, {"corrupt_image": 4, "out_of_memory": 2}), [shard("ok")])
+    assert _failure_limits_breached(minimal_job(), stats(100, {"corrupt_image": 5}), [shard("ok")]) is None
+    too_many = _failure_limits_breached(
+        minimal_job(), stats(100, {"corrupt_image": 4, "out_of_memory": 2}), [shard("ok")]
+    )
     assert too_many == (
         "6 of 100 samples failed (6.0%), more than failures.max_failed_sample_fraction=0.05 "
         "(4 corrupt_image, 2 out_of_memory)"
     )
-    broken = _failure_limits_breached(job(), stats(10, {}), [shard("ok"), shard("partial", "t")])
+    broken = _failure_limits_breached(minimal_job(), stats(10, {}), [shard("ok"), shard("partial", "t")])
     assert broken == (
         "1 shard(s) failed or ended early, more than failures.max_failed_shards=0 (e.g. file:///data/t.tar: cut)"
     )
 
 
 def test_limits_can_be_raised_or_lifted() -> None:
-    lenient = job(max_failed_shards=2, max_failed_sample_fraction=None)
+    lenient = minimal_job(failures={"max_failed_shards": 2, "max_failed_sample_fraction": None})
     assert (
         _failure_limits_breached(lenient, stats(10, {"corrupt_image": 9}), [shard("failed"), shard("partial")]) is None
     )
