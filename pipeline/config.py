@@ -199,8 +199,8 @@ class CheckpointConfig(StrictModel):
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for hub ids.")
     cache_dir: str | None = Field(
         None,
-        description="Node-local directory for fetched checkpoints. Unset: `$LLAVA_PIPELINE_CACHE`, else "
-        "`~/.cache/llava-pipeline`.",
+        description="Node-local directory for fetched checkpoints (under `model.cache_dir` also the processor "
+        "checks that passed, in `checks/`). Unset: `$LLAVA_PIPELINE_CACHE`, else `~/.cache/llava-pipeline`.",
     )
     storage: StorageConfig | None = Field(None, description="Overrides the top-level `storage` for `s3://` models.")
 

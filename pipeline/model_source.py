@@ -27,6 +27,7 @@ from pipeline.urls import protocol_of
 # What a CPU preprocessing worker needs: everything but the weights.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".onnx", ".ckpt")
 _COMPLETE = ".complete"
+_DEFAULT_CACHE = "~/.cache/llava-pipeline"
 
 Files = Literal["all", "processor"]
 
@@ -45,8 +46,13 @@ class ModelSource:
     def from_config(
         cls, config: ModelConfig | EmbedModelConfig, storage: StorageConfig, field: str = "model.source"
     ) -> "ModelSource":
-        cache_dir = config.cache_dir or os.environ.get("LLAVA_PIPELINE_CACHE") or "~/.cache/llava-pipeline"
-        return cls(source=config.source, revision=config.revision, storage=storage, cache_dir=cache_dir, field=field)
+        return cls(
+            source=config.source,
+            revision=config.revision,
+            storage=storage,
+            cache_dir=node_cache_dir(config.cache_dir),
+            field=field,
+        )
 
     @property
     def kind(self) -> Literal["local", "remote", "hub"]:
@@ -55,6 +61,16 @@ class ModelSource:
         if self.source.startswith((".", "/", "~")) or Path(self.source).expanduser().exists():
             return "local"
         return "hub"
+
+
+def node_cache_dir(configured: str | None = None) -> str:
+    """This node's cache directory: `configured`, else `$LLAVA_PIPELINE_CACHE`, else `~/.cache/llava-pipeline`."""
+    return configured or os.environ.get("LLAVA_PIPELINE_CACHE") or _DEFAULT_CACHE
+
+
+def is_weight_file(name: str) -> bool:
+    """True for the files only a model's forward pass needs (what a processor-files fetch leaves out)."""
+    return name.lower().endswith(_WEIGHT_SUFFIXES)
 
 
 def local_model_dir(model: ModelSource, files: Files = "all") -> str:
@@ -70,7 +86,7 @@ def local_model_dir(model: ModelSource, files: Files = "all") -> str:
 
 
 def _wanted(relative: str, files: Files) -> bool:
-    return files == "all" or not relative.lower().endswith(_WEIGHT_SUFFIXES)
+    return files == "all" or not is_weight_file(relative)
 
 
 def _remote_listing(model: ModelSource) -> dict[str, dict[str, object]]:

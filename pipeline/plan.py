@@ -9,6 +9,9 @@ The processor checks cost seconds of CPU, mostly importing torch and transformer
 (`background_checks`) does them in a process of their own while it starts Ray, and waits for them
 (`Plan.confirm_checks`) before it starts any stage or writes anything: a bad prompt still stops the run
 before any work, without making every good run wait for the import and Ray's start one after the other.
+A check that passed on this node for the same processor files, chat template, prompts and libraries is
+remembered in the model's `cache_dir` (`processor_checks.CheckMemory`) and not run again: a nightly job
+starts without the import.
 In a process, the import neither holds the driver's interpreter lock while Ray starts nor stays loaded in
 the driver (hundreds of MiB, and seconds of interpreter teardown at exit). `check_cluster_fits` runs once
 a cluster is joined, before any stage starts.
@@ -56,7 +59,7 @@ class Plan:
     repaired: dict[str, str] = field(default_factory=dict)
     # retry-failed: per shard URL, the keys of the samples to process again
     selection: dict[str, frozenset[str]] | None = None
-    # the processor checks still running in their own process (`background_checks`); None when there were none
+    # the processor checks, perhaps still running in their own process (`background_checks`); None: no shards
     pending_checks: processor_checks.RunningChecks | None = field(default=None, repr=False, compare=False)
 
     def confirm_checks(self) -> None:
@@ -184,7 +187,8 @@ class _Sources:
             # Every checkpoint is found now (a missing one is a ConfigError here); their processors load after.
             loads = [check for check in (_prompt_check(job, self.model), _embed_model_check(job)) if check]
             vocabulary = _load_vocabulary(job, self.input_storage)
-            pending = processor_checks.start(loads) if background_checks else _run_checks(loads)
+            memory = processor_checks.CheckMemory.under(self.model.cache_dir)
+            pending = (processor_checks.start if background_checks else processor_checks.run_here)(loads, memory)
         return Plan(
             job=job,
             run_id=run_id or new_run_id(),
@@ -211,11 +215,6 @@ def _failed_keys(output: OutputLayout, name: str, reasons: frozenset[str] | None
     if reasons is not None:
         failed = failed.filter(pc.is_in(failed.column("error_reason"), value_set=pa.array(sorted(reasons))))
     return failed.column("key").to_pylist()
-
-
-def _run_checks(loads: list[Callable[[], object]]) -> None:
-    for load in loads:
-        load()
 
 
 def _prompt_check(job: JobConfig, model: ModelSource) -> Callable[[], object]:

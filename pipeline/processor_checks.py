@@ -1,59 +1,228 @@
-"""The plan's processor checks, run in a process of their own while the driver starts Ray.
+"""The plan's processor checks, run in a process of their own while the driver starts Ray, and remembered
+once passed.
 
-`start(checks)` launches `python -m pipeline.processor_checks`, hands it the checks (picklable callables,
-such as `functools.partial(pipeline.inputs.render_every_prompt, ...)`) on stdin, and returns at once;
-`RunningChecks.result()` waits and raises the first check's error, a ConfigError naming the field.
+`start(checks, memory)` launches `python -m pipeline.processor_checks`, hands it the checks (picklable
+`functools.partial`s, such as `functools.partial(pipeline.inputs.render_every_prompt, ...)`) on stdin, and
+returns at once; `RunningChecks.result()` waits and raises the first check's error, a ConfigError naming the
+field.
 
 A plain subprocess rather than `multiprocessing`: its "spawn" and "forkserver" start methods import the
 caller's `__main__` again in the child, which re-runs any script that calls `run_job` without a
 `__name__ == "__main__"` guard; and "fork" is unsafe in a driver that runs threads and Ray.
+
+`CheckMemory`: a check that passed is not run again on this node for the same check. Its key is the checking
+function and the contents of everything it is given, including every file (weights aside) of a checkpoint
+directory it reads, and the versions of the libraries that load processors and render chat templates; so a
+changed template, prompt, processor file or library runs it again. Failures are never remembered. A nightly
+job that runs the same checkpoint and prompts saves the check's imports (transformers and torch, 4-5
+CPU-seconds) and the wait for them at every start.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import importlib.metadata
+import json
+import logging
 import os
 import pickle
 import subprocess
 import sys
-from dataclasses import dataclass
+import tempfile
+import time
+import types
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 from pipeline.errors import PipelineError
+from pipeline.model_source import is_weight_file
+
+log = logging.getLogger(__name__)
+
+# What loads a processor and renders its chat template: a new version of any of them checks again.
+_CHECKING_LIBRARIES = ("llava-pipeline", "transformers", "tokenizers", "jinja2", "huggingface-hub")
+
+
+@dataclass(frozen=True)
+class CheckMemory:
+    """The checks that passed on this node, one file each under `directory`, named by the check's key."""
+
+    directory: Path
+
+    @classmethod
+    def under(cls, cache_dir: str) -> "CheckMemory":
+        return cls(Path(cache_dir).expanduser() / "checks")
+
+    def key(self, check: Callable[[], object]) -> str | None:
+        """The check's key, or None where what it is given cannot be described (it is then always run)."""
+        if not isinstance(check, functools.partial):
+            return None
+        owner = getattr(check.func, "__self__", None)
+        if owner is not None and not isinstance(owner, types.ModuleType):
+            return None  # a bound method: what its object holds is not described
+        try:
+            given = [_describe(value) for value in (*check.args, *sorted(check.keywords.items()))]
+        except _Undescribable:
+            return None
+        described = {
+            "check": f"{check.func.__module__}.{check.func.__qualname__}",
+            "code": _source_digest(check.func),
+            "given": given,
+            "libraries": _library_versions(),
+            "python": list(sys.version_info[:2]),
+        }
+        return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
+
+    def passed(self, key: str) -> bool:
+        return (self.directory / f"{key}.passed").is_file()
+
+    def remember(self, key: str, check: Callable[[], object]) -> None:
+        """Keep `key` as passed; a cache that cannot be written only means the check runs again next time."""
+        record = {"check": getattr(getattr(check, "func", check), "__qualname__", repr(check)), "at": time.time()}
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile("w", dir=self.directory, suffix=".tmp", delete=False) as handle:
+                json.dump(record, handle)
+            os.replace(handle.name, self.directory / f"{key}.passed")
+        except OSError as exc:
+            log.warning("could not remember a passed processor check under %s: %s", self.directory, exc)
 
 
 @dataclass
 class RunningChecks:
-    process: subprocess.Popen
+    """Checks under way (`process`), or none left to run; `ran` and `remembered` count them for the summary."""
+
+    process: subprocess.Popen | None
+    ran: int
+    remembered: int
+    memory: CheckMemory | None = None
+    # the key of each check the process runs, remembered once all of them passed
+    pending: list[tuple[str, Callable[[], object]]] = field(default_factory=list)
+
+    error: BaseException | None = None
 
     def result(self) -> None:
-        """Wait for the checks; raise the first one's error, if any."""
-        assert self.process.stdout is not None
-        answer = self.process.stdout.read()
-        self.process.wait()
-        if self.process.returncode != 0 or not answer:
-            raise PipelineError(
-                f"the processor checks' process (python -m {__name__}) exited with code {self.process.returncode} "
-                "before it answered; its messages are above"
-            )
-        error = pickle.loads(answer)
-        if error is not None:
-            raise error
+        """Wait for the checks; raise the first one's error, if any (again at every call)."""
+        if self.process is not None:
+            process, self.process = self.process, None
+            assert process.stdout is not None
+            answer = process.stdout.read()
+            process.wait()
+            if process.returncode != 0 or not answer:
+                self.error = PipelineError(
+                    f"the processor checks' process (python -m {__name__}) exited with code "
+                    f"{process.returncode} before it answered; its messages are above"
+                )
+            else:
+                self.error = pickle.loads(answer)
+        if self.error is not None:
+            raise self.error
+        self._remember_passed()
+
+    def _remember_passed(self) -> None:
+        if self.memory is not None:
+            for key, check in self.pending:
+                self.memory.remember(key, check)
+        self.pending = []
+
+    def as_summary(self) -> dict[str, int]:
+        return {"ran": self.ran, "remembered": self.remembered}
 
 
-def start(checks: Sequence[Callable[[], object]]) -> RunningChecks:
-    package_root = str(Path(__file__).resolve().parents[1])
-    paths = [package_root, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
-    process = subprocess.Popen(
-        [sys.executable, "-m", __name__],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(paths)},
-    )
-    assert process.stdin is not None
-    process.stdin.write(pickle.dumps(list(checks)))
-    process.stdin.close()
-    return RunningChecks(process)
+def start(checks: Sequence[Callable[[], object]], memory: CheckMemory | None = None) -> RunningChecks:
+    """The checks `memory` does not vouch for, started in a process of their own."""
+    to_run, keyed = _not_remembered(checks, memory)
+    running = RunningChecks(process=None, ran=len(to_run), remembered=len(checks) - len(to_run), memory=memory)
+    running.pending = keyed
+    if to_run:
+        package_root = str(Path(__file__).resolve().parents[1])
+        paths = [package_root, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+        running.process = subprocess.Popen(
+            [sys.executable, "-m", __name__],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(paths)},
+        )
+        assert running.process.stdin is not None
+        running.process.stdin.write(pickle.dumps(to_run))
+        running.process.stdin.close()
+    return running
+
+
+def run_here(checks: Sequence[Callable[[], object]], memory: CheckMemory | None = None) -> RunningChecks:
+    """The same checks run in this process (a plan made without background checks), already confirmed."""
+    to_run, keyed = _not_remembered(checks, memory)
+    running = RunningChecks(process=None, ran=len(to_run), remembered=len(checks) - len(to_run), memory=memory)
+    for check in to_run:
+        check()
+    running.pending = keyed
+    running.result()
+    return running
+
+
+def _not_remembered(
+    checks: Sequence[Callable[[], object]], memory: CheckMemory | None
+) -> tuple[list[Callable[[], object]], list[tuple[str, Callable[[], object]]]]:
+    to_run, keyed = [], []
+    for check in checks:
+        key = memory.key(check) if memory is not None else None
+        if key is not None and memory is not None and memory.passed(key):
+            continue
+        to_run.append(check)
+        if key is not None:
+            keyed.append((key, check))
+    return to_run, keyed
+
+
+class _Undescribable(Exception):
+    pass
+
+
+def _describe(value: object) -> object:
+    """A JSON-able description of what a check is given; a directory stands for its files' contents."""
+    if isinstance(value, str) and os.path.isdir(value):
+        return {"directory": _directory_digest(Path(value))}
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_describe(item) for item in value]
+    model_dump_json = getattr(value, "model_dump_json", None)  # a pydantic config section
+    if callable(model_dump_json):
+        return {type(value).__qualname__: model_dump_json()}
+    raise _Undescribable(type(value).__qualname__)
+
+
+def _directory_digest(root: Path) -> str:
+    """Every file's name and bytes under `root`, weights and hidden files (a `.git` beside a checkpoint) aside."""
+    digest = hashlib.sha256()
+    for directory, subdirectories, files in os.walk(root):
+        subdirectories[:] = sorted(d for d in subdirectories if not d.startswith("."))
+        for name in sorted(files):
+            if name.startswith(".") or is_weight_file(name):
+                continue
+            path = Path(directory, name)
+            digest.update(str(path.relative_to(root)).encode() + b"\0")
+            digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def _source_digest(function: Callable) -> str:
+    module = sys.modules.get(function.__module__)
+    source = getattr(module, "__file__", None)
+    return hashlib.sha256(Path(source).read_bytes()).hexdigest() if source else function.__module__
+
+
+@functools.lru_cache(maxsize=1)
+def _library_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {}
+    for name in _CHECKING_LIBRARIES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
 
 
 def _main() -> None:

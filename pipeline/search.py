@@ -14,7 +14,6 @@ still checked against the index's.
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -210,12 +209,13 @@ class SearchIndex:
             return self._models[column]
         space = self._space(column)
         from pipeline.embedders import ImageTextEmbedder, TextEmbedder
-        from pipeline.model_source import ModelSource, local_model_dir
+        from pipeline.model_source import ModelSource, local_model_dir, node_cache_dir
 
         source = self._sources[column] or space.model
-        cache_dir = self._cache_dir or os.environ.get("LLAVA_PIPELINE_CACHE") or "~/.cache/llava-pipeline"
         directory = local_model_dir(
-            ModelSource(source=source, revision=None, storage=self.location.storage, cache_dir=cache_dir)
+            ModelSource(
+                source=source, revision=None, storage=self.location.storage, cache_dir=node_cache_dir(self._cache_dir)
+            )
         )
         model = ImageTextEmbedder(directory) if column == "image_embedding" else TextEmbedder(directory)
         if model.dimension != space.dimension:

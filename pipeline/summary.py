@@ -182,6 +182,12 @@ def build_summary(outcome: RunOutcome) -> dict[str, object]:
         "duplicates_dropped": outcome.duplicates_dropped,
         "stream_restarts": stats.stream_restarts,
         "images_per_second": round(stats.samples / wall, 3) if wall > 0 else None,
+        # how many processor checks this run ran, and how many passed before for the same files and prompts
+        "processor_checks": (
+            outcome.plan.pending_checks.as_summary()
+            if outcome.plan.pending_checks is not None
+            else {"ran": 0, "remembered": 0}
+        ),
         "seconds_to_first_row": round(stats.first_row_seconds, 3) if stats.first_row_seconds is not None else None,
         "seconds_to_first_commit": (
             round(stats.first_commit_seconds, 3) if stats.first_commit_seconds is not None else None
@@ -291,6 +297,12 @@ def render_summary(summary: dict[str, object], summary_url: str | None) -> str:
         for repair in repaired:
             lines.append(f"            {repair['shard']}: {repair['reason']}")
     lines.append(f"  wall      {summary['wall_seconds']:.1f} s, {summary['images_per_second'] or 0:.2f} images/s")
+    checks = summary.get("processor_checks") or {}
+    if checks.get("remembered"):
+        lines.append(
+            f"  checks    {checks['remembered']} processor check(s) passed before for the same files and prompts"
+            + (f", {checks['ran']} run" if checks.get("ran") else "")
+        )
     stages = summary["stages"]
     assert isinstance(stages, dict)
     busy = ", ".join(f"{name} {info['busy_seconds']:.1f} s" for name, info in stages.items())

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+
 import pytest
 
 
@@ -24,7 +26,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(scope="session", autouse=True)
-def background_scenarios(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+def node_cache(tmp_path_factory: pytest.TempPathFactory):
+    """The session's node cache (`LLAVA_PIPELINE_CACHE`): fetched checkpoints and passed processor checks stay
+    out of the user's home and are shared by the session's runs, as a node's are by its nightly runs."""
+    path = tmp_path_factory.mktemp("node-cache")
+    before = os.environ.get("LLAVA_PIPELINE_CACHE")
+    os.environ["LLAVA_PIPELINE_CACHE"] = str(path)
+    yield path
+    if before is None:
+        os.environ.pop("LLAVA_PIPELINE_CACHE", None)
+    else:
+        os.environ["LLAVA_PIPELINE_CACHE"] = before
+
+
+@pytest.fixture(scope="session", autouse=True)
+def background_scenarios(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, node_cache):
     """{test id: its scenario} for the session's `background` tests, each started here, as the session starts.
 
     A background scenario runs in processes of its own (a Ray cluster of its own) and spends most of its time

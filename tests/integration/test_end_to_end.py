@@ -152,6 +152,8 @@ def test_run_summary_is_written_next_to_the_outputs(s3, local_model_run):
     assert summary["images_per_second"] > 0
     assert list(summary["stages"]) == ["read", "prepare", "model", "parse"]
     assert summary["stages"]["model"]["busy_seconds"] > 0
+    # one check (the prompts through the chat template), run now or passed by an earlier run of the session
+    assert sum(summary["processor_checks"].values()) == 1
 
 
 def test_each_block_reaches_the_driver_before_the_next_one_exists(ray_address, tmp_path):

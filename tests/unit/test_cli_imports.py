@@ -100,16 +100,18 @@ print(err.getvalue())
 
 def test_a_run_checks_its_processors_in_another_process_so_the_driver_never_loads_torch(tmp_path):
     """`plan_job(background_checks=True)` (what `run` does) loads the processors, LLaVA's and CLIP's, in a process
-    of its own: the driver stays free of transformers and torch (their memory, their seconds of teardown)."""
+    of its own: the driver stays free of transformers and torch (their memory, their seconds of teardown). A
+    second plan of the same job on this node finds both checks passed before and starts no process."""
     from pipeline.testing.shards import write_shards
 
     models = Path(__file__).resolve().parents[2] / "models"
     write_shards(tmp_path / "shards", shards=1, samples_per_shard=1)
+    cache = str(tmp_path / "node-cache")
     job = {
         "name": "checks",
         "input": {"urls": [str(tmp_path / "shards" / "shard-00000.tar")]},
         "output": {"url": str(tmp_path / "out")},
-        "model": {"source": str(models / "tiny-llava-shapes"), "device": "cpu"},
+        "model": {"source": str(models / "tiny-llava-shapes"), "device": "cpu", "cache_dir": cache},
         "tasks": {"caption": {}, "vqa": {"questions": ["What colour is the background?"]}},
         "embed": {"image_text_model": {"source": str(models / "tiny-clip-shapes"), "device": "cpu"}},
     }
@@ -119,10 +121,16 @@ def test_a_run_checks_its_processors_in_another_process_so_the_driver_never_load
 from pipeline.jobfile import load_job
 from pipeline.plan import plan_job
 plan = plan_job(load_job({str(path)!r}), background_checks=True)
+started = plan.pending_checks.process is not None
 plan.confirm_checks()
-print('CHECKED', plan.pending_checks.process.returncode)
+print('CHECKED', started, plan.pending_checks.as_summary())
 """
     output, modules = _run_fresh(script)
-    assert "CHECKED 0" in output
+    assert "CHECKED True {'ran': 2, 'remembered': 0}" in output
     assert "pipeline.inputs" in modules  # the driver named the checks ...
     assert _loaded(modules, "torch", "transformers") == []  # ... which ran elsewhere
+    assert len(list((tmp_path / "node-cache" / "checks").glob("*.passed"))) == 2
+
+    output, modules = _run_fresh(script)
+    assert "CHECKED False {'ran': 0, 'remembered': 2}" in output
+    assert _loaded(modules, "torch", "transformers") == []
