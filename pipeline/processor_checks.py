@@ -133,9 +133,7 @@ class RunningChecks:
 
 def start(checks: Sequence[Callable[[], object]], memory: CheckMemory | None = None) -> RunningChecks:
     """The checks `memory` does not vouch for, started in a process of their own."""
-    to_run, keyed = _not_remembered(checks, memory)
-    running = RunningChecks(process=None, ran=len(to_run), remembered=len(checks) - len(to_run), memory=memory)
-    running.pending = keyed
+    running, to_run = _not_remembered(checks, memory)
     if to_run:
         package_root = str(Path(__file__).resolve().parents[1])
         paths = [package_root, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
@@ -153,27 +151,30 @@ def start(checks: Sequence[Callable[[], object]], memory: CheckMemory | None = N
 
 def run_here(checks: Sequence[Callable[[], object]], memory: CheckMemory | None = None) -> RunningChecks:
     """The same checks run in this process (a plan made without background checks), already confirmed."""
-    to_run, keyed = _not_remembered(checks, memory)
-    running = RunningChecks(process=None, ran=len(to_run), remembered=len(checks) - len(to_run), memory=memory)
+    running, to_run = _not_remembered(checks, memory)
     for check in to_run:
         check()
-    running.pending = keyed
     running.result()
     return running
 
 
 def _not_remembered(
     checks: Sequence[Callable[[], object]], memory: CheckMemory | None
-) -> tuple[list[Callable[[], object]], list[tuple[str, Callable[[], object]]]]:
-    to_run, keyed = [], []
+) -> tuple[RunningChecks, list[Callable[[], object]]]:
+    """The checks not yet started, counted, and those of them that `memory` does not vouch for."""
+    to_run: list[Callable[[], object]] = []
+    keyed: list[tuple[str, Callable[[], object]]] = []
     for check in checks:
         key = memory.key(check) if memory is not None else None
-        if key is not None and memory is not None and memory.passed(key):
+        if key is not None and memory.passed(key):  # a key comes only from a memory
             continue
         to_run.append(check)
         if key is not None:
             keyed.append((key, check))
-    return to_run, keyed
+    running = RunningChecks(
+        process=None, ran=len(to_run), remembered=len(checks) - len(to_run), memory=memory, pending=keyed
+    )
+    return running, to_run
 
 
 class _Undescribable(Exception):

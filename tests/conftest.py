@@ -1,8 +1,8 @@
 from __future__ import annotations
 
-import os
-
 import pytest
+
+from pipeline.environment import variables_set
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -30,13 +30,8 @@ def node_cache(tmp_path_factory: pytest.TempPathFactory):
     """The session's node cache (`LLAVA_PIPELINE_CACHE`): fetched checkpoints and passed processor checks stay
     out of the user's home and are shared by the session's runs, as a node's are by its nightly runs."""
     path = tmp_path_factory.mktemp("node-cache")
-    before = os.environ.get("LLAVA_PIPELINE_CACHE")
-    os.environ["LLAVA_PIPELINE_CACHE"] = str(path)
-    yield path
-    if before is None:
-        os.environ.pop("LLAVA_PIPELINE_CACHE", None)
-    else:
-        os.environ["LLAVA_PIPELINE_CACHE"] = before
+    with variables_set({"LLAVA_PIPELINE_CACHE": str(path)}):
+        yield path
 
 
 @pytest.fixture(scope="session", autouse=True)
