@@ -76,6 +76,14 @@ class StorageConfig(StrictModel):
     )
     secret_access_key: SecretStr | None = Field(None, description="Secret key, paired with `access_key_id`.")
     session_token: SecretStr | None = Field(None, description="Session token for temporary credentials.")
+    request_attempts: int | None = Field(
+        None,
+        ge=1,
+        description="Tries per HTTP request inside the S3 client (botocore's standard retry mode: throttling, 5xx "
+        "and dropped connections, with jittered waits of up to a second, then two, ...) before the error reaches "
+        "the job's `retries` policy. Unset: `AWS_MAX_ATTEMPTS` / `AWS_RETRY_MODE` where set, else 3. `1` leaves "
+        "every retry to `retries`, with its allow-list and its backoff.",
+    )
     options: dict[str, Union[str, int, float, bool]] = Field(
         default_factory=dict,
         description="Extra keyword arguments for the fsspec filesystem (for other stores, e.g. gcsfs's `project`).",

@@ -20,8 +20,8 @@ _S3_PROTOCOLS = ("s3", "s3a")
 # botocore's own per-request retries: AWS's "standard" mode at its default of 3 attempts (throttling, 5xx and
 # dropped connections, with a retry quota), not botocore's legacy default of 5 attempts with up to 8 s between
 # them, under which an unreachable endpoint took ~7 s to report before the job's own policy (`retries`,
-# pipeline.retry: whole operations, an allow-list of transient errors) even started. AWS_RETRY_MODE or
-# AWS_MAX_ATTEMPTS in the environment still decide, as botocore documents.
+# pipeline.retry: whole operations, an allow-list of transient errors) even started. A job's
+# `storage.request_attempts` decides first; then AWS_RETRY_MODE or AWS_MAX_ATTEMPTS, as botocore documents.
 _BOTOCORE_RETRIES = {"mode": "standard", "max_attempts": 3}
 _BOTOCORE_RETRY_VARIABLES = ("AWS_RETRY_MODE", "AWS_MAX_ATTEMPTS")
 
@@ -46,7 +46,10 @@ def fsspec_options(storage: StorageConfig, url: str) -> dict[str, object]:
         return options
     if storage.endpoint_url:
         options["endpoint_url"] = storage.endpoint_url
-    if not any(os.environ.get(name) for name in _BOTOCORE_RETRY_VARIABLES):
+    if storage.request_attempts is not None:
+        retries = {**_BOTOCORE_RETRIES, "max_attempts": storage.request_attempts}
+        options.setdefault("config_kwargs", {})["retries"] = retries  # type: ignore[index]
+    elif not any(os.environ.get(name) for name in _BOTOCORE_RETRY_VARIABLES):
         options.setdefault("config_kwargs", {}).setdefault("retries", dict(_BOTOCORE_RETRIES))  # type: ignore[union-attr]
     if storage.region:
         options.setdefault("client_kwargs", {})["region_name"] = storage.region  # type: ignore[index]

@@ -79,6 +79,9 @@ def test_flaky_object_store_loses_and_repeats_nothing(s3, ray_address, tiny_mode
                 "endpoint_url": proxy.endpoint_url,
                 "access_key_id": "AKIAFAULTPROXYTEST",
                 "secret_access_key": secret,
+                # Every fault reaches the job's own policy (its allow-list, its backoff of 0.05 s and up) instead
+                # of botocore's retries inside the client, which wait up to seconds each: the test is of ours.
+                "request_attempts": 1,
             },
             retries={"initial_backoff_s": 0.05, "max_backoff_s": 0.5, "attempts": 8},
             failures={"max_failed_shards": 1},

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import sys
 from collections import Counter
+from pathlib import Path
 
-from support import base_job, read_local_output, run_cli
+import pytest
+from support import BackgroundScenario, base_job, read_local_output, run_cli
 
 from pipeline.cli import main
 from pipeline.testing.shards import write_shards
@@ -73,11 +74,12 @@ def test_demo_command_runs_s3_to_s3_and_prints_rows(capsys, ray_address, tmp_pat
     assert searches[2].splitlines()[1].strip().startswith("1. img0")
 
 
-def test_a_local_ray_gives_its_workers_the_run_environment_and_leaves_the_driver_as_it_was():
-    """`connect_ray` starting a Ray of its own: its workers see the run's variables without a job runtime_env
-    (which would keep the workers Ray prestarted from this job), and the driver's own environment is unchanged."""
-    script = """
-import json, os, ray
+LOCAL_RAY_SCRIPT = """
+import json, os
+# The driver's own settings, which its workers do not take.
+os.environ.pop("TRANSFORMERS_VERBOSITY", None)
+os.environ["TOKENIZERS_PARALLELISM"] = "true"
+import ray
 from pipeline.config import JobConfig
 from pipeline.runner import connect_ray
 
@@ -90,11 +92,24 @@ print("ENV " + json.dumps({"workers": workers, "driver": {n: os.environ.get(n) f
                            "job_runtime_env": ray.get_runtime_context().runtime_env}))
 ray.shutdown()
 """
-    environment = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "TRANSFORMERS_VERBOSITY")}
-    environment["TOKENIZERS_PARALLELISM"] = "true"  # the driver's own setting, which its workers do not take
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=environment)
-    assert done.returncode == 0, done.stderr[-3000:]
-    found = json.loads(done.stdout.rpartition("ENV ")[2])
+
+
+def start_local_ray_scenario(workdir: Path) -> BackgroundScenario:
+    """A Ray started by `connect_ray`, in a process of its own, started with the session (`background`): most of
+    its time is Ray starting, which runs beside the session's other tests."""
+    return BackgroundScenario.start([sys.executable, "-c", LOCAL_RAY_SCRIPT], {})
+
+
+@pytest.mark.background.with_args(start_local_ray_scenario)  # with_args: the one argument is a function
+def test_a_local_ray_gives_its_workers_the_run_environment_and_leaves_the_driver_as_it_was(
+    background_scenarios, request
+):
+    """`connect_ray` starting a Ray of its own: its workers see the run's variables without a job runtime_env
+    (which would keep the workers Ray prestarted from this job), and the driver's own environment is unchanged."""
+    scenario = background_scenarios[request.node.nodeid]
+    stdout, stderr = scenario.outcome(timeout=180)
+    assert scenario.process.returncode == 0, stderr[-3000:]
+    found = json.loads(stdout.rpartition("ENV ")[2])
     assert found["workers"] == {"TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}
     assert found["driver"] == {"TRANSFORMERS_VERBOSITY": None, "TOKENIZERS_PARALLELISM": "true"}
     assert not found["job_runtime_env"].get("env_vars")

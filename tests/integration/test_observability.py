@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import subprocess
 import threading
@@ -281,6 +282,8 @@ def _chromium(*args: str) -> subprocess.CompletedProcess:
         capture_output=True,
         text=True,
         timeout=60,
+        # No session bus: where none runs, Chromium otherwise waits for one (up to its 25-second D-Bus timeout).
+        env={**os.environ, "DBUS_SESSION_BUS_ADDRESS": "disabled:"},
     )
 
 

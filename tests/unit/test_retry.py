@@ -127,3 +127,7 @@ def test_s3_filesystems_get_botocores_standard_retries_unless_the_environment_sa
 
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "7")  # botocore reads it when the config does not say
     assert "config_kwargs" not in fsspec_options(storage, "s3://bucket/out/")
+    # The job's setting says first, and reaches every worker with the job (an environment variable may not).
+    only_the_jobs_policy = StorageConfig(endpoint_url="http://127.0.0.1:9", request_attempts=1)
+    options = fsspec_options(only_the_jobs_policy, "s3://bucket/out/")
+    assert options["config_kwargs"] == {"retries": {"mode": "standard", "max_attempts": 1}}
