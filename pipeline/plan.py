@@ -24,9 +24,10 @@ import hashlib
 import json
 import logging
 import secrets
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Callable
+from typing import Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -66,6 +67,16 @@ class Plan:
         """Wait for the processor checks started with the plan; their ConfigError, if any, is raised here."""
         if self.pending_checks is not None:
             self.pending_checks.result()
+
+    @contextmanager
+    def checks_settled(self) -> Iterator[None]:
+        """Checks still under way when the block ends unconfirmed (Ray would not start, the cluster does not fit,
+        Ctrl-C) are stopped then, not left running behind the command."""
+        try:
+            yield
+        finally:
+            if self.pending_checks is not None:
+                self.pending_checks.abandon()
 
     @property
     def settings_digest(self) -> str:

@@ -121,6 +121,16 @@ class RunningChecks:
             raise self.error
         self._remember_passed()
 
+    def abandon(self) -> None:
+        """Stop checks still under way: the run ended before it confirmed them (no cluster, interrupted), so their
+        answer has no reader. Nothing is remembered; after `result`, there is nothing to stop."""
+        if self.process is not None:
+            process, self.process = self.process, None
+            process.kill()
+            process.wait()
+            if process.stdout is not None:
+                process.stdout.close()
+
     def _remember_passed(self) -> None:
         if self.memory is not None:
             for key, check in self.pending:

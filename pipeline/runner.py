@@ -269,7 +269,7 @@ def _run_leased(plan: Plan, echo, command: str, lease: OutputLease | None, stage
         )
     started_at = datetime.now(timezone.utc)
     stats = RunStats()
-    with ray_cluster(job):
+    with plan.checks_settled(), ray_cluster(job):
         # The plan's processor checks went on while Ray started: a bad prompt stops the run here, before any work.
         plan.confirm_checks()
         what = (

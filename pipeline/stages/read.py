@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import sys
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator
@@ -173,9 +174,7 @@ def read_shard(shard: Shard, reader: ShardReader) -> Iterator[pa.Table]:
     one begins, because webdataset yields whatever it had gathered when a stream breaks: a sample
     cut by a transient error is read again whole on the next try.
     """
-    # Imported here, in the read task only: webdataset imports torch (2-5 s of CPU) when it is installed,
-    # and every other process that loads the stages (the driver, parse workers) has no use for either.
-    from webdataset.tariterators import group_by_keys, tar_file_expander
+    tar_file_expander, group_by_keys = tar_iterators()
 
     started = time.perf_counter()
     retries = reader.retries
@@ -249,6 +248,27 @@ def read_shard(shard: Shard, reader: ShardReader) -> Iterator[pa.Table]:
         }
     )
     yield block.table()
+
+
+def tar_iterators():
+    """webdataset's tar member and sample iterators, imported without torch where torch is not loaded yet.
+
+    webdataset imports torch when it is installed, only for its DataLoader and Tensor stand-ins, which walking a
+    tar never uses; in a read worker that costs 1-2 s of CPU (on a node that is starting its model actors) and
+    about 240 MB of memory, per worker. Imported here, in the read task only, with torch marked absent for the
+    import: webdataset then takes the path it takes where torch is not installed. The mark is removed after, so
+    torch stays importable in this process.
+    """
+    if "webdataset" not in sys.modules and "torch" not in sys.modules:
+        sys.modules["torch"] = None  # type: ignore[assignment]  # import torch now raises ModuleNotFoundError
+        try:
+            import webdataset.tariterators  # noqa: F401
+        finally:
+            if "torch" in sys.modules and sys.modules["torch"] is None:
+                del sys.modules["torch"]
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    return tar_file_expander, group_by_keys
 
 
 def _find_member(suffixes: list[str], extensions: tuple[str, ...]) -> str | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -110,3 +111,16 @@ def test_a_memory_that_cannot_be_written_only_means_checking_again(tmp_path: Pat
     run_here([check], memory)
     assert calls.read_text() == "ran\nran\n"
     assert "could not remember a passed processor check" in caplog.text
+
+
+def test_checks_a_run_never_confirmed_are_stopped_not_left_behind(tmp_path: Path) -> None:
+    """A run that ends before it confirms its checks (the cluster does not fit, Ctrl-C) stops their process."""
+    memory = CheckMemory(tmp_path / "checks")
+    running = start([functools.partial(time.sleep, 60)], memory)
+    process = running.process
+    assert process is not None and process.poll() is None
+    started = time.monotonic()
+    running.abandon()
+    assert process.poll() is not None and time.monotonic() - started < 30
+    assert running.process is None and not list(memory.directory.glob("*.passed"))
+    running.abandon()  # nothing left to stop

@@ -75,7 +75,13 @@ def add_arguments(bench: argparse.ArgumentParser) -> None:
         help="time `llava-pipeline run` against a plain Ray Data script (read_webdataset -> map_batches -> "
         "write_parquet) on the same shards and model, as whole processes, alternated (see --repeats)",
     )
-    bench.add_argument("--repeats", type=int, default=3, help="--against-plain: runs of each (default 3; medians)")
+    bench.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="--against-plain: runs of each (default 3); prints the medians, and the median of each repeat's "
+        "pipeline-over-plain ratio (neighbours in time, so the machine's drift cancels)",
+    )
     bench.add_argument(
         "--prepare-in-model-actors",
         action="store_true",
@@ -180,7 +186,8 @@ def _run_against_plain(args: argparse.Namespace) -> int:
     median = figures["median_seconds"]
     print(
         f"median: llava-pipeline run {median['pipeline']:.1f} s, plain Ray Data script {median['plain']:.1f} s "
-        f"(ratio {figures['pipeline_over_plain']:.3f})"
+        f"(ratio {figures['pipeline_over_plain']:.3f}); each repeat's pipeline run over its plain run: "
+        f"{', '.join(f'{r:.3f}' for r in figures['paired_ratios'])} (median {figures['median_paired_ratio']:.3f})"
     )
     if args.json_path:
         args.json_path.parent.mkdir(parents=True, exist_ok=True)

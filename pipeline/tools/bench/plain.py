@@ -17,7 +17,6 @@ import argparse
 import io
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -112,7 +111,7 @@ def compare_with_plain(
     times: dict[str, list[float]] = {"pipeline": [], "plain": []}
     # From each pipeline run's summary: when its first row reached the driver and its first shard was committed.
     firsts: dict[str, list[float]] = {"seconds_to_first_row": [], "seconds_to_first_commit": []}
-    with local_s3() as s3:
+    with local_s3() as s3, tempfile.TemporaryDirectory(prefix="node-cache-", dir=workdir) as node_cache:
         fs = s3.filesystem()
         fs.mkdir("plain-vs-pipeline")
         for path in shards:
@@ -122,7 +121,7 @@ def compare_with_plain(
         environment.pop("RAY_ADDRESS", None)  # each process starts a Ray of its own, as a new user's would
         # A node cache of this comparison's own: the first pipeline run checks the processor as a new user's
         # does; the later ones find that check passed, as a node's nightly runs do.
-        environment["LLAVA_PIPELINE_CACHE"] = tempfile.mkdtemp(prefix="node-cache-", dir=workdir)
+        environment["LLAVA_PIPELINE_CACHE"] = node_cache
         checks: list[dict[str, int]] = []
         for repeat in range(repeats):
             order = ("pipeline", "plain") if repeat % 2 == 0 else ("plain", "pipeline")
@@ -173,8 +172,10 @@ def compare_with_plain(
                 echo(f"  {kind:8s} run {repeat + 1}: {seconds:.1f} s{detail}, {rows} rows written under {output}")
                 if rows != images:
                     raise RuntimeError(f"{kind} run wrote {rows} rows, not {images}")
-    shutil.rmtree(environment["LLAVA_PIPELINE_CACHE"], ignore_errors=True)
     median = {kind: statistics.median(values) for kind, values in times.items()}
+    # Each repeat's two runs are neighbours in time: their ratio cancels the machine's drift, which on a shared
+    # machine moves whole runs by more than the difference measured.
+    paired = [round(pipeline / plain, 3) for pipeline, plain in zip(times["pipeline"], times["plain"])]
     return {
         "images": images,
         "pipeline_prepares": "in the model actor" if prepare_in_model_actors else "in a prepare actor pool",
@@ -184,6 +185,8 @@ def compare_with_plain(
         "pipeline_firsts": firsts,
         "pipeline_processor_checks": checks,
         "pipeline_over_plain": round(median["pipeline"] / median["plain"], 3),
+        "paired_ratios": paired,
+        "median_paired_ratio": statistics.median(paired),
     }
 
 
