@@ -1,8 +1,9 @@
-"""This process's environment variables, set for a block and put back after it."""
+"""This process's environment for a block, put back after it: variables, and torch marked absent."""
 
 from __future__ import annotations
 
 import os
+import sys
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -21,3 +22,23 @@ def variables_set(variables: dict[str, str]) -> Iterator[None]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+@contextmanager
+def torch_marked_absent() -> Iterator[None]:
+    """Imports inside the block take the path they take where torch is not installed, unless torch is loaded
+    already; torch is importable again after the block.
+
+    For processes that use a library's torch-free parts only: webdataset, and transformers' tokenizers, chat
+    templates and PIL image processors, import torch whenever it is installed (1-4 CPU-seconds and about 240 MB)
+    without needing it there. `import torch` inside the block raises ModuleNotFoundError, which those libraries
+    take for torch not being installed. Modules imported inside the block keep their torch-free choices."""
+    if "torch" in sys.modules:
+        yield
+        return
+    sys.modules["torch"] = None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        if "torch" in sys.modules and sys.modules["torch"] is None:
+            del sys.modules["torch"]

@@ -6,6 +6,12 @@ once passed.
 returns at once; `RunningChecks.result()` waits and raises the first check's error, a ConfigError naming the
 field.
 
+The process runs the checks with torch marked absent (`pipeline.environment.torch_marked_absent`): loading a
+processor and rendering its chat template need tokenizers, jinja2 and Pillow, but transformers imports torch
+whenever it is installed, 3.5 of a check's 5 CPU-seconds. Where the checks fail that way, a second process runs
+them with torch, and its verdict is the answer: a processor that needs torch still passes, and a bad prompt fails
+with the error a model actor would meet.
+
 A plain subprocess rather than `multiprocessing`: its "spawn" and "forkserver" start methods import the
 caller's `__main__` again in the child, which re-runs any script that calls `run_job` without a
 `__name__ == "__main__"` guard; and "fork" is unsafe in a driver that runs threads and Ray.
@@ -14,8 +20,8 @@ caller's `__main__` again in the child, which re-runs any script that calls `run
 function and the contents of everything it is given, including every file (weights aside) of a checkpoint
 directory it reads, and the versions of the libraries that load processors and render chat templates; so a
 changed template, prompt, processor file or library runs it again. Failures are never remembered. A nightly
-job that runs the same checkpoint and prompts saves the check's imports (transformers and torch, 4-5
-CPU-seconds) and the wait for them at every start.
+job that runs the same checkpoint and prompts saves the check's imports (transformers, 1.5 CPU-seconds) and the
+wait for them at every start.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+from pipeline.environment import torch_marked_absent, variables_set
 from pipeline.errors import PipelineError
 from pipeline.model_source import is_weight_file
 
@@ -236,19 +243,53 @@ def _library_versions() -> dict[str, str | None]:
     return versions
 
 
+def _verdict(payload: bytes) -> BaseException | None:
+    """The first check's error, or None: the pickled checks unpickled and run here."""
+    try:
+        for check in pickle.loads(payload):
+            check()
+    except PipelineError as exc:
+        return exc
+    except Exception as exc:
+        return PipelineError(f"the processor checks failed: {type(exc).__name__}: {exc}")
+    return None
+
+
+def _verdict_with_torch(payload: bytes) -> BaseException | None:
+    """The checks run again in a process where torch is importable; its verdict, or why there is none."""
+    done = subprocess.run([sys.executable, "-m", _MODULE, _WITH_TORCH], input=payload, stdout=subprocess.PIPE)
+    if done.returncode != 0 or not done.stdout:
+        return PipelineError(
+            f"the processor checks' process (python -m {_MODULE} {_WITH_TORCH}) exited with code "
+            f"{done.returncode} before it answered; its messages are above"
+        )
+    return pickle.loads(done.stdout)
+
+
+# This module as `python -m` runs it (where its __name__ is "__main__"), and the flag of the second try, after the
+# checks failed without torch: torch importable from the start.
+_MODULE = "pipeline.processor_checks"
+_WITH_TORCH = "--with-torch"
+
+
 def _main() -> None:
     # The answer travels on the original stdout; whatever a library prints goes to stderr instead.
     answer = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
-    checks = pickle.load(sys.stdin.buffer)
-    error: BaseException | None = None
-    try:
-        for check in checks:
-            check()
-    except PipelineError as exc:
-        error = exc
-    except Exception as exc:
-        error = PipelineError(f"the processor checks failed: {type(exc).__name__}: {exc}")
+    payload = sys.stdin.buffer.read()
+    if _WITH_TORCH in sys.argv[1:]:
+        error = _verdict(payload)
+    else:
+        # A processor check loads tokenizers, chat templates and image processors, none of which needs torch; but
+        # transformers imports torch whenever it is installed (3.5 of a check's 5 CPU-seconds, while the driver
+        # starts Ray beside it). So the checks run first with torch marked absent. A failure may be torch's
+        # absence alone (a processor that needs it), so a failure is only the verdict of a run with torch.
+        # transformers warns, twice, that it found no PyTorch: true here only, and not the user's concern (a model
+        # actor's transformers is quiet too).
+        with torch_marked_absent(), variables_set({"TRANSFORMERS_VERBOSITY": "error"}):
+            error = _verdict(payload)
+        if error is not None:
+            error = _verdict_with_torch(payload)
     pickle.dump(error, answer)
     answer.close()
 

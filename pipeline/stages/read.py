@@ -21,6 +21,7 @@ from ray.data.datasource import Datasource, ReadTask
 
 from pipeline import rows
 from pipeline.config import InputConfig, ReadStageConfig, RetryConfig, StorageConfig
+from pipeline.environment import torch_marked_absent
 from pipeline.metrics import StageMetrics
 from pipeline.retry import backoff, is_transient
 from pipeline.shards import Shard
@@ -253,19 +254,13 @@ def read_shard(shard: Shard, reader: ShardReader) -> Iterator[pa.Table]:
 def tar_iterators():
     """webdataset's tar member and sample iterators, imported without torch where torch is not loaded yet.
 
-    webdataset imports torch when it is installed, only for its DataLoader and Tensor stand-ins, which walking a
-    tar never uses; in a read worker that costs 1-2 s of CPU (on a node that is starting its model actors) and
-    about 240 MB of memory, per worker. Imported here, in the read task only, with torch marked absent for the
-    import: webdataset then takes the path it takes where torch is not installed. The mark is removed after, so
-    torch stays importable in this process.
+    Imported here, in the read task only, and with torch marked absent (`torch_marked_absent`): webdataset imports
+    torch when it is installed, only for its DataLoader and Tensor stand-ins, which walking a tar never uses. In a
+    read worker that cost 1-2 s of CPU (on a node that is starting its model actors) and about 240 MB, per worker.
     """
-    if "webdataset" not in sys.modules and "torch" not in sys.modules:
-        sys.modules["torch"] = None  # type: ignore[assignment]  # import torch now raises ModuleNotFoundError
-        try:
+    if "webdataset" not in sys.modules:
+        with torch_marked_absent():
             import webdataset.tariterators  # noqa: F401
-        finally:
-            if "torch" in sys.modules and sys.modules["torch"] is None:
-                del sys.modules["torch"]
     from webdataset.tariterators import group_by_keys, tar_file_expander
 
     return tar_file_expander, group_by_keys

@@ -6,6 +6,7 @@ imports; the real checks' way through a plan is in test_cli_imports."""
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import os
 import time
@@ -124,3 +125,17 @@ def test_checks_a_run_never_confirmed_are_stopped_not_left_behind(tmp_path: Path
     assert process.poll() is not None and time.monotonic() - started < 30
     assert running.process is None and not list(memory.directory.glob("*.passed"))
     running.abandon()  # nothing left to stop
+
+
+def test_checks_run_with_torch_marked_absent_and_only_a_failure_runs_them_again_with_torch() -> None:
+    """transformers imports torch whenever it is installed, though loading processors needs none of it: the checks
+    run first with torch marked absent. A check that fails there (a processor that needs torch) decides in a
+    second process where torch imports."""
+    torch_absent = functools.partial(exec, "import importlib.util\nassert importlib.util.find_spec('torch') is None")
+    start([torch_absent]).result()  # it would fail wherever torch can be found
+
+    needs_torch = functools.partial(importlib.import_module, "torch")
+    start([needs_torch]).result()  # fails without torch, passes with it
+
+    with pytest.raises(PipelineError, match="ValueError: bad either way"):
+        start([functools.partial(exec, "raise ValueError('bad either way')")]).result()
