@@ -51,6 +51,11 @@ log = logging.getLogger(__name__)
 # What loads a processor and renders its chat template: a new version of any of them checks again.
 _CHECKING_LIBRARIES = ("llava-pipeline", "transformers", "tokenizers", "jinja2", "huggingface-hub")
 
+# This module as `python -m` runs it (where its __name__ is "__main__"), and the flag of the second try, after the
+# checks failed without torch: torch importable from the start.
+_MODULE = "pipeline.processor_checks"
+_WITH_TORCH = "--with-torch"
+
 
 @dataclass(frozen=True)
 class CheckMemory:
@@ -117,13 +122,7 @@ class RunningChecks:
             assert process.stdout is not None
             answer = process.stdout.read()
             process.wait()
-            if process.returncode != 0 or not answer:
-                self.error = PipelineError(
-                    f"the processor checks' process (python -m {__name__}) exited with code "
-                    f"{process.returncode} before it answered; its messages are above"
-                )
-            else:
-                self.error = pickle.loads(answer)
+            self.error = _answer(process.args, process.returncode, answer)
         if self.error is not None:
             raise self.error
         self._remember_passed()
@@ -155,7 +154,7 @@ def start(checks: Sequence[Callable[[], object]], memory: CheckMemory | None = N
         package_root = str(Path(__file__).resolve().parents[1])
         paths = [package_root, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
         running.process = subprocess.Popen(
-            [sys.executable, "-m", __name__],
+            [sys.executable, "-m", _MODULE],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env={**os.environ, "PYTHONPATH": os.pathsep.join(paths)},
@@ -258,18 +257,17 @@ def _verdict(payload: bytes) -> BaseException | None:
 def _verdict_with_torch(payload: bytes) -> BaseException | None:
     """The checks run again in a process where torch is importable; its verdict, or why there is none."""
     done = subprocess.run([sys.executable, "-m", _MODULE, _WITH_TORCH], input=payload, stdout=subprocess.PIPE)
-    if done.returncode != 0 or not done.stdout:
+    return _answer(done.args, done.returncode, done.stdout)
+
+
+def _answer(command: list[str], returncode: int, answer: bytes) -> BaseException | None:
+    """A checks process's verdict from what it wrote, or why there is none."""
+    if returncode != 0 or not answer:
         return PipelineError(
-            f"the processor checks' process (python -m {_MODULE} {_WITH_TORCH}) exited with code "
-            f"{done.returncode} before it answered; its messages are above"
+            f"the processor checks' process ({' '.join(['python', *command[1:]])}) exited with code "
+            f"{returncode} before it answered; its messages are above"
         )
-    return pickle.loads(done.stdout)
-
-
-# This module as `python -m` runs it (where its __name__ is "__main__"), and the flag of the second try, after the
-# checks failed without torch: torch importable from the start.
-_MODULE = "pipeline.processor_checks"
-_WITH_TORCH = "--with-torch"
+    return pickle.loads(answer)
 
 
 def _main() -> None:
